@@ -1,0 +1,34 @@
+# Every target creates/uses .venv itself, so each one works from a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: test lint bench-vq clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.dev-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PIN)
+	touch $@
+
+test: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(BIN)/pip install --quiet -e '.[bench]' $(TORCH_PIN)
+	touch $@
+
+bench-vq: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/vq_layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""Nearest-code search: the rule that makes tokens deterministic."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def nearest_codes(
+    z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest code for every row of ``z`` and its squared distance.
+
+    q = argmin_k ||z - C_k||^2 = argmin_k (||C_k||^2 - 2 z.C_k); ||z||^2 is the same for every k,
+    so it only enters the reported distance. Always fp32 (also under autocast), rows processed in
+    chunks so at most ``chunk_size x K`` distances exist at once, ties go to the smallest index
+    (``argmin`` returns the first minimum).
+
+    Args:
+        z: [N, D] vectors.
+        codebook: [K, D] effective codebook.
+        chunk_size: rows per chunk.
+
+    Returns:
+        (indices int64 [N], squared distances float32 [N]).
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        codebook = codebook.float()
+        code_sq = codebook.pow(2).sum(1)
+        codebook_t = codebook.t()
+        n = z.shape[0]
+        indices = torch.empty(n, dtype=torch.long, device=z.device)
+        best = torch.empty(n, dtype=torch.float32, device=z.device)
+        for start in range(0, n, chunk_size):
+            rows = z[start : start + chunk_size]
+            # ||C_k||^2 - 2 z.C_k in one fused GEMM (no sqrt, no topk, no N x K copy)
+            scores = torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0)
+            values, idx = scores.min(dim=1)
+            indices[start : start + chunk_size] = idx
+            best[start : start + chunk_size] = values + rows.pow(2).sum(1)
+        return indices, best.clamp_min_(0.0)
