@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vqmodel.distributed import all_reduce_mean_
+
 _EPS = 1e-5
 
 
@@ -79,7 +81,9 @@ class CodebookAffine(nn.Module):
         k, d = codebook.shape
         z = z.float()
         cb = codebook.float().view(self.groups, k // self.groups, d)
-        z_mean, z_var = z.mean(0), z.var(0, unbiased=False)
+        # E[z] and E[z^2] averaged over ranks: every rank keeps identical statistics under DDP
+        z_moments = all_reduce_mean_(torch.stack([z.mean(0), z.pow(2).mean(0)]))
+        z_mean, z_var = z_moments[0], (z_moments[1] - z_moments[0].pow(2)).clamp_min(0.0)
         c_mean, c_var = cb.mean(1, keepdim=True), cb.var(1, unbiased=False, keepdim=True)
         if not bool(self.initialised):
             self.z_mean.copy_(z_mean)

@@ -12,7 +12,7 @@ from torch import nn
 
 from vqmodel.affine import CodebookAffine
 from vqmodel.config import QuantizerConfig
-from vqmodel.distributed import all_reduce_sum_, broadcast_, is_main_process
+from vqmodel.distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, is_main_process
 from vqmodel.kmeans import kmeans
 from vqmodel.search import nearest_codes
 
@@ -96,7 +96,7 @@ class Codebook(nn.Module):
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         saved = [p.grad for p in params]
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = None if g is None else all_reduce_mean_(g)
         self.inner_optimizer.step()
         for p, g in zip(params, saved):
             p.grad = g
@@ -123,7 +123,9 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _collect_kmeans(self, z: torch.Tensor) -> None:
         self._kmeans_samples.append(z.float().clone())
-        if sum(s.shape[0] for s in self._kmeans_samples) >= self.config.kmeans_sample_count:
+        # the decision is taken on the total over ranks, so every rank initialises at the same step
+        seen = torch.tensor(float(sum(s.shape[0] for s in self._kmeans_samples)))
+        if all_reduce_mean_(seen) >= self.config.kmeans_sample_count:
             self.init_from_samples(torch.cat(self._kmeans_samples))
 
     @torch.no_grad()
@@ -139,8 +141,8 @@ class Codebook(nn.Module):
         if samples.shape[0] > need:
             samples = samples[torch.randperm(samples.shape[0], generator=gen)[:need]]
         centers = torch.empty_like(self.weight)
+        self.affine.update_statistics(samples, self.weight)  # collective: every rank calls it
         if is_main_process():
-            self.affine.update_statistics(samples, self.weight)
             centers.copy_(
                 kmeans(samples.cpu(), self.config.num_codes, self.config.kmeans_iters, gen)
             )

@@ -34,10 +34,8 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     closest = _sq_dist_to(x, centers[0])
     for i in range(1, k):
         total = closest.sum()
-        if total <= 0:  # every sample already coincides with a centre: draw uniformly
-            probs = torch.ones_like(closest)
-        else:
-            probs = closest / total
+        # every sample already coincides with a centre: draw uniformly
+        probs = torch.ones_like(closest) if total <= 0 else closest / total
         pick = torch.multinomial(probs, 1, generator=generator)[0]
         centers[i] = x[pick]
         torch.minimum(closest, _sq_dist_to(x, centers[i]), out=closest)

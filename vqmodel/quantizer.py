@@ -11,6 +11,7 @@ from torch import nn
 
 from vqmodel.codebook import Codebook
 from vqmodel.config import QuantizerConfig
+from vqmodel.distributed import all_reduce_mean_
 from vqmodel.usage import perplexity_of_counts
 
 
@@ -24,7 +25,8 @@ class VectorQuantizer(nn.Module):
     - ``loss``: L_vq = beta * loss_codebook + (1 - beta) * loss_commitment, summed over stages.
       With ``inplace`` the codebook term was already minimised inside forward, so ``loss`` is the
       commitment term only and ``loss_codebook`` is reported detached.
-    - ``loss_codebook`` = mean||sg(z) - C_hat_q||^2, ``loss_commitment`` = mean||z - sg(C_hat_q)||^2.
+    - ``loss_codebook`` = mean||sg(z) - C_hat_q||^2,
+      ``loss_commitment`` = mean||z - sg(C_hat_q)||^2.
     - ``distances``: squared distance of every vector (last stage) to its code, indices' shape.
     - ``usage``, ``perplexity``: THIS batch only (mean over codebooks); whole-set numbers come from
       :class:`vqmodel.UsageAccumulator`.
@@ -111,8 +113,10 @@ class VectorQuantizer(nn.Module):
             per_book = [idx] if cfg.shared_codebook else list(idx.unbind(1))
             counts += [torch.bincount(i.flatten(), minlength=cfg.num_codes) for i in per_book]
 
-        # Forward value is exactly C_hat_q; d out / d z = I; codes get nu x the task gradient.
-        out = rows + (quantized - rows).detach()
+        # out = z + sg(C_hat_q - z) + nu * (C_hat_q - sg(C_hat_q)), written so the forward value is
+        # exactly C_hat_q (z - sg(z) is exactly 0; z + (q - z) would round): d out/d z = I and the
+        # selected codes get nu x the task gradient.
+        out = quantized.detach() + (rows - rows.detach())
         if cfg.sync_nu:
             out = out + cfg.sync_nu * (quantized - quantized.detach())
 
@@ -168,9 +172,12 @@ class VectorQuantizer(nn.Module):
             loss = loss + F.mse_loss(residual, q)
             residual = residual - q.detach()
         (self.config.beta * loss).backward()
+        for param in self.codebook_parameters():  # outside DDP's forward: average by hand
+            if param.grad is not None:
+                all_reduce_mean_(param.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def codebook_parameters(self) -> list[nn.Parameter]:
         """Raw codebooks and affine parameters (the codebook optimizer's parameter group)."""

@@ -28,8 +28,10 @@ class UsageAccumulator:
 
     def update(self, indices: torch.Tensor) -> None:
         flat = indices.detach().reshape(-1).cpu()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_codes):
-            raise ValueError(f"indices must lie in [0, {self.num_codes}), got {flat.min()}..{flat.max()}")
+        if flat.numel():
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= self.num_codes:
+                raise ValueError(f"indices must lie in [0, {self.num_codes}), got {low}..{high}")
         self.counts += torch.bincount(flat, minlength=self.num_codes)
 
     def reset(self) -> None:
