@@ -1,0 +1,178 @@
+"""Photo sources: a user's folder, photos inside pip wheels, photos in Debian packages.
+
+Every source reads files already on disk; nothing here downloads. The pip-bundled photos are
+read straight from the installed packages' directories (the same files `skimage.data`,
+`sklearn.datasets.load_sample_images` and `matplotlib.cbook.get_sample_data` open), which keeps
+scikit-image's pooch downloader out of the picture and avoids importing three heavy libraries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data.image_source import (
+    ImageSource,
+    MissingSourceError,
+    UnreadableImageWarning,
+    file_item,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(root: str | os.PathLike[str]) -> ImageSource:
+    """Every image file under `root` (recursive, sorted by relative path)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingSourceError(f"image folder {root} does not exist (source 'folder:{root}')")
+    paths = sorted(
+        (path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda path: path.relative_to(root).as_posix(),
+    )
+    items = tuple(
+        file_item(path, path.relative_to(root).as_posix()) for path in paths if path.is_file()
+    )
+    if not items:
+        raise MissingSourceError(f"no {'/'.join(IMAGE_SUFFIXES)} files under {root}")
+    return ImageSource(spec=f"folder:{root}", items=items)
+
+
+@dataclass(frozen=True)
+class BundledPhoto:
+    """A photo file shipped inside a pip package."""
+
+    name: str
+    module: str  # import name of the package holding the file
+    pip_name: str  # what `pip install` needs
+    path: str  # relative to the package directory
+
+
+# Colour photographs only: the greyscale (camera, moon, coins...) and specialist ones (retina,
+# immunohistochemistry) would skew a colour tokenizer's training and evaluation statistics.
+PIP_PHOTOS = (
+    BundledPhoto("astronaut", "skimage", "scikit-image", "data/astronaut.png"),
+    BundledPhoto("chelsea", "skimage", "scikit-image", "data/chelsea.png"),
+    BundledPhoto("coffee", "skimage", "scikit-image", "data/coffee.png"),
+    BundledPhoto("rocket", "skimage", "scikit-image", "data/rocket.jpg"),
+    BundledPhoto("hubble_deep_field", "skimage", "scikit-image", "data/hubble_deep_field.jpg"),
+    BundledPhoto("motorcycle", "skimage", "scikit-image", "data/motorcycle_left.png"),
+    BundledPhoto("china", "sklearn", "scikit-learn", "datasets/images/china.jpg"),
+    BundledPhoto("flower", "sklearn", "scikit-learn", "datasets/images/flower.jpg"),
+    BundledPhoto(
+        "grace_hopper", "matplotlib", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg"
+    ),
+)
+
+
+def pip_photos(photos: tuple[BundledPhoto, ...] = PIP_PHOTOS) -> ImageSource:
+    """The colour photos bundled in scikit-image, scikit-learn and matplotlib wheels.
+
+    All three packages must be installed; a photo a newer release no longer bundles (scikit-image
+    moves data to pooch downloads over time) is skipped with a warning.
+    """
+    package_dirs = {photo.module: _package_dir(photo.module) for photo in photos}
+    missing = sorted({photo.pip_name for photo in photos if package_dirs[photo.module] is None})
+    if missing:
+        raise MissingSourceError(
+            f"pip-photos needs {', '.join(missing)}; install with: pip install {' '.join(missing)}"
+        )
+    items = []
+    for photo in photos:
+        path = package_dirs[photo.module] / photo.path
+        if path.is_file():
+            items.append(file_item(path, photo.name))
+        else:
+            warnings.warn(
+                f"skipping {photo.name}: {photo.pip_name} no longer ships {photo.path}",
+                UnreadableImageWarning,
+                stacklevel=2,
+            )
+    if not items:
+        raise MissingSourceError("none of the pip-bundled photos were found")
+    return ImageSource(spec="pip-photos", items=tuple(items))
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec locates a top-level package without importing it (importing sklearn costs ~1 s).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_eval_images(*, multiple_of: int = 1) -> list[np.ndarray]:
+    """The pip-bundled photos at native size as float32 [3, H, W] in [0, 1], in `PIP_PHOTOS` order.
+
+    `multiple_of` centre-crops each side down to a multiple of it (a tokenizer with downsampling
+    factor f needs multiple_of=f); 1 keeps the native size.
+    """
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    images = []
+    for _, rgb in pip_photos().images():
+        height, width = (side - side % multiple_of for side in rgb.shape[:2])
+        top, left = (rgb.shape[0] - height) // 2, (rgb.shape[1] - width) // 2
+        crop = rgb[top : top + height, left : left + width]
+        images.append(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0)
+    return images
+
+
+# Which files each Debian package owns comes from dpkg's own file lists, so the two lomiri
+# packages (same directory, same naming) are told apart exactly and a package update that adds
+# or renames wallpapers needs no change here. The directory keeps only the photographs:
+# mate-backgrounds also ships abstract/ and desktop/ renders.
+DEBIAN_PHOTO_PACKAGES = {
+    "lomiri-wallpapers-16.04": "/usr/share/backgrounds",
+    "lomiri-wallpapers-20.04": "/usr/share/backgrounds",
+    "mate-backgrounds": "/usr/share/backgrounds/mate/nature",
+}
+DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
+
+
+def debian_photos(
+    packages: tuple[str, ...] = tuple(DEBIAN_PHOTO_PACKAGES),
+    *,
+    dpkg_info_dir: Path = DPKG_INFO_DIR,
+) -> ImageSource:
+    """The photos of the given Debian wallpaper packages; all must be installed.
+
+    Partial sets are refused rather than used: a training recipe that names `debian-photos` should
+    see the same photos on every machine.
+    """
+    unknown = [package for package in packages if package not in DEBIAN_PHOTO_PACKAGES]
+    if unknown:
+        raise ValueError(
+            f"unknown photo package(s) {unknown}; known: {list(DEBIAN_PHOTO_PACKAGES)}"
+        )
+    found = {package: _package_photos(package, dpkg_info_dir) for package in packages}
+    missing = [package for package, paths in found.items() if not paths]
+    if missing:
+        raise MissingSourceError(
+            f"Debian package(s) {', '.join(missing)} not installed; "
+            f"install with: sudo apt-get install {' '.join(missing)}"
+        )
+    items = tuple(file_item(path) for package in packages for path in found[package])
+    spec = (
+        "debian-photos" if tuple(packages) == tuple(DEBIAN_PHOTO_PACKAGES) else "+".join(packages)
+    )
+    return ImageSource(spec=spec, items=items)
+
+
+def _package_photos(package: str, dpkg_info_dir: Path) -> list[Path]:
+    # Architecture-independent packages list their files in <pkg>.list, others in <pkg>:<arch>.list.
+    lists = [dpkg_info_dir / f"{package}.list", *sorted(dpkg_info_dir.glob(f"{package}:*.list"))]
+    photo_dir = Path(DEBIAN_PHOTO_PACKAGES[package])
+    paths = set()
+    for listing in lists:
+        if listing.is_file():
+            for line in listing.read_text().splitlines():
+                path = Path(line)
+                if path.parent == photo_dir and path.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.add(path)
+    return sorted(path for path in paths if path.is_file())
