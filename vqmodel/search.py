@@ -32,11 +32,14 @@ def nearest_codes(
         n = z.shape[0]
         indices = torch.empty(n, dtype=torch.long, device=z.device)
         best = torch.empty(n, dtype=torch.float32, device=z.device)
+        # one chunk-sized score buffer reused for every chunk: no per-chunk allocation/page faults
+        buffer = torch.empty(min(chunk_size, n), codebook.shape[0], device=z.device)
         for start in range(0, n, chunk_size):
             rows = z[start : start + chunk_size]
+            scores = buffer[: rows.shape[0]]
             # ||C_k||^2 - 2 z.C_k in one fused GEMM (no sqrt, no topk, no N x K copy)
-            scores = torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0)
-            values, idx = scores.min(dim=1)
-            indices[start : start + chunk_size] = idx
-            best[start : start + chunk_size] = values + rows.pow(2).sum(1)
+            torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0, out=scores)
+            stop = start + rows.shape[0]
+            torch.min(scores, 1, out=(best[start:stop], indices[start:stop]))
+        best += z.pow(2).sum(1)
         return indices, best.clamp_min_(0.0)
