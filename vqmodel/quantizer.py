@@ -15,6 +15,20 @@ from vqmodel.distributed import all_reduce_mean_
 from vqmodel.usage import perplexity_of_counts
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly C_hat_q. Backward: upstream g to z, nu * g to C_hat_q (one fused node
+    instead of four elementwise autograd ops)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, quantized: torch.Tensor, nu: float) -> torch.Tensor:
+        ctx.nu = nu
+        return quantized.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad, (grad * ctx.nu if ctx.nu else None), None
+
+
 class VectorQuantizer(nn.Module):
     """Quantize the ``channel_dim`` axis of any tensor ((N,C,H,W) images, (N,L,C) sequences).
 
@@ -94,7 +108,7 @@ class VectorQuantizer(nn.Module):
         inplace = cfg.inplace and train and torch.is_grad_enabled()
 
         residual = rows
-        quantized = torch.zeros_like(rows)
+        quantized = rows  # replaced by the first stage's codes below
         loss_codebook = rows.new_zeros(())
         loss_commitment = rows.new_zeros(())
         all_indices, counts = [], []
@@ -107,8 +121,9 @@ class VectorQuantizer(nn.Module):
             else:
                 loss_codebook = loss_codebook + F.mse_loss(residual.detach(), q)
             loss_commitment = loss_commitment + F.mse_loss(residual, q.detach())
-            quantized = quantized + q
-            residual = residual - q.detach()
+            quantized = q if stage == 0 else quantized + q
+            if stage + 1 < cfg.residual_stages:
+                residual = residual - q.detach()
             all_indices.append(idx)
             per_book = [idx] if cfg.shared_codebook else list(idx.unbind(1))
             counts += [torch.bincount(i.flatten(), minlength=cfg.num_codes) for i in per_book]
@@ -116,9 +131,7 @@ class VectorQuantizer(nn.Module):
         # out = z + sg(C_hat_q - z) + nu * (C_hat_q - sg(C_hat_q)), written so the forward value is
         # exactly C_hat_q (z - sg(z) is exactly 0; z + (q - z) would round): d out/d z = I and the
         # selected codes get nu x the task gradient.
-        out = quantized.detach() + (rows - rows.detach())
-        if cfg.sync_nu:
-            out = out + cfg.sync_nu * (quantized - quantized.detach())
+        out = _StraightThrough.apply(rows, quantized, cfg.sync_nu)
 
         if inplace:
             loss = (1.0 - cfg.beta) * loss_commitment
