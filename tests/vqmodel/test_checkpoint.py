@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +46,6 @@ CONFIG = ModelConfig(
         "replace_freq": 2,
     },
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    # spin-waiting made this module 5-15x slower (6 s -> 35-90 s measured)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _batch(seed: int) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,16 +11,6 @@ from vqmodel.config import QuantizerConfig
 from vqmodel.vqvae import VQVAE, ModelConfig
 
 MULT = {4: (1, 2), 8: (1, 2, 2), 16: (1, 1, 2, 2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    # spin-waiting made this module 5-15x slower (6 s -> 35-90 s measured)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_config(f: int = 8, **overrides: object) -> ModelConfig:
