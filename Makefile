@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test lint bench-vq clean
+.PHONY: serve test lint bench-vq clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PIN)
 	touch $@
+
+# the service needs no torch: `make serve` on a fresh clone installs the serve extras only
+$(VENV)/.serve-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[serve]'
+	touch $@
+
+serve: $(VENV)/.serve-installed
+	$(BIN)/vqtok-serve --host 127.0.0.1 --port 8000 --model-dir models/default
 
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
