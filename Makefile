@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: serve test lint bench-vq clean
+.PHONY: serve test lint bench-vq train-default clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(VENV)/.dev-installed
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# resumable: run it again after an interruption and it continues from the newest checkpoint
+train-default: $(VENV)/.dev-installed
+	$(BIN)/vqtok-train --config training/configs/default.yaml --resume
 
 $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install --quiet -e '.[bench]' $(TORCH_PIN)
