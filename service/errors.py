@@ -1,0 +1,146 @@
+"""Problem details (RFC 9457) for every error the service answers.
+
+A `Problem` exception carries the status, a short title, a detail sentence and, for limit and
+validation errors, the offending `field`, the `limit` and the `value` received. The exception
+handlers installed by `install_problem_handlers` turn it (and FastAPI's own validation errors,
+and Starlette's HTTP errors) into `application/problem+json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://vqtok.dev/problems/"
+
+log = logging.getLogger("vqtok.service")
+
+
+class Problem(Exception):
+    """An error answered as problem+json; `kind` becomes the problem `type` URI's last segment."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        field: str | None = None,
+        limit: object = None,
+        value: object = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.title = title or HTTPStatus(status).phrase
+        self.detail = detail
+        self.field = field
+        self.limit = limit
+        self.value = value
+        self.headers = dict(headers or {})
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": PROBLEM_TYPE_BASE + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            body["instance"] = instance
+        for key in ("field", "limit", "value"):
+            member = getattr(self, key)
+            if member is not None:
+                body[key] = _jsonable(member)
+        return body
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem.body(instance),
+        status_code=problem.status,
+        headers=problem.headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    # FastAPI locations look like ("body", "tokens", 0): drop the "body"/"query" source prefix.
+    parts = [str(part) for part in loc[1:]] if len(loc) > 1 else [str(part) for part in loc]
+    return ".".join(parts)
+
+
+def validation_problem(exc: RequestValidationError) -> Problem:
+    errors = exc.errors()
+    # An unparseable JSON body is malformed (400), not a semantically invalid one (422).
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            ctx = error.get("ctx") or {}
+            return Problem(
+                400,
+                "malformed-json",
+                f"request body is not valid JSON: {ctx.get('error', error.get('msg'))}",
+                field="body",
+            )
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = _location(tuple(first.get("loc", ())))
+    detail = "; ".join(f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5])
+    value = first.get("input")
+    if isinstance(value, dict | list) or (isinstance(value, str | bytes) and len(value) > 200):
+        value = None  # never echo whole bodies or uploads back
+    return Problem(422, "invalid-request", detail, field=field, value=value)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Answer every error the app raises as problem+json."""
+
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Problem)
+        return problem_response(exc, request.url.path)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return problem_response(validation_problem(exc), request.url.path)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body": say what was wrong with it.
+            detail = f"{detail}: {exc.__cause__}"
+            kind = "malformed-body"
+        problem = Problem(exc.status_code, kind, detail, headers=exc.headers)
+        return problem_response(problem, request.url.path)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        problem = Problem(500, "internal-error", "the server failed; the error was logged")
+        return problem_response(problem, request.url.path)
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
