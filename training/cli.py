@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vqtok-train: {err}", file=sys.stderr)
         return 2
-    if summary["world_size"] == 1 or summary.get("rank", 0) == 0:
+    if summary["rank"] == 0:
         print(json.dumps(summary), flush=True)
     if summary["stopped"] == "signal":
         return 128 + int(summary["signal"])

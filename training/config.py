@@ -132,6 +132,33 @@ class TrainConfig(BaseModel):
 
 
 # -- loading ---------------------------------------------------------------------------------------
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: ``off``/``no``/``on``/``yes`` stay strings
+    (``affine: off`` means the string "off") and ``3e-4`` is a float, not a string."""
+
+
+_REPLACED_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no objects
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
@@ -144,7 +171,7 @@ def load_config(
     data: Any = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = parse_yaml(Path(path).read_text()) or {}
         except OSError as err:
             raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
         except yaml.YAMLError as err:
@@ -163,7 +190,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r} must look like dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: cannot parse value {text!r}: {err}") from err
     parts = key.split(".")

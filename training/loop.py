@@ -196,6 +196,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "sec_per_step": seconds_total / steps_run if steps_run else None,
             "stopped": stopped,
             "signal": stop.signum,
+            "rank": runtime.rank,
             "world_size": runtime.world_size,
         }
     finally:

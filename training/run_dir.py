@@ -23,9 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, parse_yaml
 from vqmodel import CheckpointError, load_training_state, save_checkpoint, write_bytes_atomic
 from vqmodel.vqvae import VQVAE, ModelConfig
 
@@ -58,7 +56,7 @@ class RunDir:
                     "--resume to continue it or choose another out_dir"
                 )
             if resume:
-                previous = yaml.safe_load(self.config_path.read_text()) or {}
+                previous = parse_yaml(self.config_path.read_text()) or {}
                 saved_model = ModelConfig.model_validate(previous.get("model", {}))
                 if saved_model != config.model:
                     raise ConfigError(
