@@ -16,17 +16,47 @@ from vqmodel.usage import perplexity_of_counts
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: exactly C_hat_q. Backward: upstream g to z, nu * g to C_hat_q (one fused node
-    instead of four elementwise autograd ops)."""
+    """Forward: exactly C_hat_q, laid out like z. Backward: upstream g to z, nu * g to C_hat_q
+    (one fused node instead of four elementwise autograd ops; the layout change back to z's
+    shape is the only copy)."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, quantized: torch.Tensor, nu: float) -> torch.Tensor:
-        ctx.nu = nu
-        return quantized.detach().clone()
+    def forward(
+        ctx: Any, z: torch.Tensor, quantized: torch.Tensor, nu: float, layout: tuple[int, ...]
+    ) -> torch.Tensor:
+        batch_shape, channel_dim = layout[:-1], layout[-1]
+        ctx.nu, ctx.rows_shape = nu, z.shape
+        ctx.batch_shape, ctx.channel_dim = batch_shape, channel_dim
+        out = quantized.detach().reshape(*batch_shape, -1).movedim(-1, channel_dim)
+        return out.contiguous()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return grad, (grad * ctx.nu if ctx.nu else None), None
+        grad_rows = grad.movedim(ctx.channel_dim, -1).reshape(ctx.rows_shape)
+        return grad_rows, (grad_rows * ctx.nu if ctx.nu else None), None, None
+
+
+class _SquaredError(torch.autograd.Function):
+    """(mean||sg(z) - q||^2, mean||z - sg(q)||^2): the codebook and commitment terms share one
+    value, so it is computed once; the codebook term's gradient goes to q only, the commitment
+    term's to z only."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = z.detach() - q.detach()
+        ctx.save_for_backward(diff)
+        value = diff.pow(2).mean()
+        return value, value.clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_codebook: torch.Tensor, grad_commitment: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (diff,) = ctx.saved_tensors
+        scale = 2.0 / diff.numel()
+        grad_z = diff * (grad_commitment * scale) if ctx.needs_input_grad[0] else None
+        grad_q = diff * (grad_codebook * -scale) if ctx.needs_input_grad[1] else None
+        return grad_z, grad_q
 
 
 class VectorQuantizer(nn.Module):
@@ -109,18 +139,18 @@ class VectorQuantizer(nn.Module):
 
         residual = rows
         quantized = rows  # replaced by the first stage's codes below
-        loss_codebook = rows.new_zeros(())
-        loss_commitment = rows.new_zeros(())
+        codebook_terms, commitment_terms = [], []
         all_indices, counts = [], []
         distances = None
         for stage in range(cfg.residual_stages):
             q, idx, distances = self._quantize_stage(stage, residual, train)
-            if inplace:
+            if inplace:  # the codebook term is minimised by the inner step: no outer gradient
                 q = self._inplace_stage(stage, residual, idx)
-                loss_codebook = loss_codebook + F.mse_loss(residual.detach(), q.detach())
+                codebook_term, commitment_term = _SquaredError.apply(residual, q.detach())
             else:
-                loss_codebook = loss_codebook + F.mse_loss(residual.detach(), q)
-            loss_commitment = loss_commitment + F.mse_loss(residual, q.detach())
+                codebook_term, commitment_term = _SquaredError.apply(residual, q)
+            codebook_terms.append(codebook_term)
+            commitment_terms.append(commitment_term)
             quantized = q if stage == 0 else quantized + q
             if stage + 1 < cfg.residual_stages:
                 residual = residual - q.detach()
@@ -131,8 +161,9 @@ class VectorQuantizer(nn.Module):
         # out = z + sg(C_hat_q - z) + nu * (C_hat_q - sg(C_hat_q)), written so the forward value is
         # exactly C_hat_q (z - sg(z) is exactly 0; z + (q - z) would round): d out/d z = I and the
         # selected codes get nu x the task gradient.
-        out = _StraightThrough.apply(rows, quantized, cfg.sync_nu)
+        out = _StraightThrough.apply(rows, quantized, cfg.sync_nu, (*batch_shape, cfg.channel_dim))
 
+        loss_codebook, loss_commitment = sum(codebook_terms), sum(commitment_terms)
         if inplace:
             loss = (1.0 - cfg.beta) * loss_commitment
         else:
@@ -147,7 +178,7 @@ class VectorQuantizer(nn.Module):
             "loss_commitment": loss_commitment,
             **self._batch_usage(counts),
         }
-        return self._from_rows(out, batch_shape), info
+        return out, info
 
     def _shape_indices(self, idx: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
         """[M, R, G] -> batch_shape (+ R if R > 1) (+ G if G > 1)."""
