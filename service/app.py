@@ -458,7 +458,7 @@ def create_app(
     app.state.settings = settings
     install_problem_handlers(app)
     app.include_router(router)
-    known = {getattr(route, "path", "") for route in app.routes}
+    known = {getattr(route, "path", "") for route in [*app.routes, *router.routes]}
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=lambda: known)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

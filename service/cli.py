@@ -1,0 +1,144 @@
+"""`vqtok-serve`: run the tokenizer service under uvicorn.
+
+    vqtok-serve --host 127.0.0.1 --port 8000 --model-dir models/default
+
+Every flag has a `VQTOK_*` environment twin (see service/settings.py); a flag wins over the
+environment. The model is loaded before the port opens, so a bad model directory is a clear
+message and exit status 2, not a half-started server. SIGTERM: /health/ready turns 503, the port
+closes, accepted requests finish (up to --drain-timeout-s), then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app, load_engine
+from service.settings import Settings
+
+log = logging.getLogger("vqtok.service")
+
+# flag name → Settings field; None means "not given" so the environment (or default) applies.
+FLAGS: dict[str, tuple[type, str]] = {
+    "model_dir": (str, "exported model directory (model.json, encoder.onnx, decoder.onnx)"),
+    "providers": (str, "auto | cpu | cuda | tensorrt"),
+    "intra_op_threads": (int, "onnxruntime intra-op threads (0 = onnxruntime's choice)"),
+    "inter_op_threads": (int, "onnxruntime inter-op threads"),
+    "max_batch": (int, "most images per engine call"),
+    "max_wait_ms": (float, "longest an image waits for a batch to fill"),
+    "max_queue": (int, "most queued images before 503"),
+    "max_body_bytes": (int, "request body limit"),
+    "max_pixels": (int, "pixels per uploaded image"),
+    "max_images": (int, "images per request"),
+    "max_token_grid": (int, "h*w tokens per grid"),
+    "drain_timeout_s": (float, "on SIGTERM, wait at most this long for accepted requests"),
+    "log_level": (str, "critical | error | warning | info | debug"),
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vqtok-serve",
+        description="Serve a vqtok model over HTTP (API: README 'HTTP API', /docs when running).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (each loads the model; the micro-batcher batches per process)",
+    )
+    for name, (kind, help_text) in FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch")
+    return parser.parse_args(argv)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM/SIGINT marks the service not-ready before shutdown."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    if args.no_warmup:
+        overrides["warmup"] = False
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        print(f"vqtok-serve: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not (settings.model_dir / "model.json").is_file():
+        print(
+            f"vqtok-serve: {settings.model_dir} is not a model directory (no model.json); "
+            "export one with `vqtok-export` or pass --model-dir / VQTOK_MODEL_DIR",
+            file=sys.stderr,
+        )
+        return 2
+    if args.workers > 1:
+        return _serve_workers(args, settings, overrides)
+    try:
+        engine = load_engine(settings)
+    except Exception as error:  # EngineError, unreadable files, provider problems: all fatal
+        print(f"vqtok-serve: cannot load {settings.model_dir}: {error}", file=sys.stderr)
+        return 2
+    log.info(
+        "model %s loaded from %s; onnxruntime providers: %s",
+        engine.info.id,
+        settings.model_dir,
+        ", ".join(engine.active_providers),
+    )
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config, on_exit=app.state.service.begin_drain)
+    server.run()
+    return 0 if server.started else 3
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, overrides: dict) -> int:
+    # Each worker process builds its app from the environment: hand the flags over that way.
+    for name, value in overrides.items():
+        os.environ["VQTOK_" + name.upper()] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
