@@ -16,3 +16,62 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# -- shared model fixtures (export / engine / service tests) ---------------------------------------
+PHOTO_SIZES = ((64, 64), (64, 96), (96, 64), (48, 80))
+
+
+@pytest.fixture(scope="session")
+def photo_images() -> list:
+    """Real photos (pip-bundled: astronaut, chelsea, coffee, rocket) as float32 [3,H,W] in [0,1],
+    downscaled and centre-cropped to ``PHOTO_SIZES`` (multiples of 8, three non-square)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import pip_photos
+
+    photos = []
+    for (h, w), (_, rgb) in zip(PHOTO_SIZES, pip_photos().images()):
+        image = Image.fromarray(rgb)
+        scale = max(h / image.height, w / image.width)
+        size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        crop = np.asarray(image.crop((left, top, left + w, top + h)))
+        photos.append(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0)
+    return photos
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, photo_images: list) -> object:
+    """A served model directory (model.json, encoder.onnx, decoder.onnx, weights) of a tiny
+    random VQVAE: f=8, 64 codes, image_size 64, base_channels 8. The codebook is k-means on the
+    encoder's outputs for the photos, so the photos use many codes (not the 2-3 a random
+    codebook would give). Exported (and parity-verified) once per test session; treat it as
+    read-only."""
+    from vqmodel import VQVAE, ModelConfig, kmeans
+    from vqmodel.export import export_model_dir
+
+    torch.manual_seed(0)
+    config = ModelConfig(base_channels=8, image_size=64, quantizer={"num_codes": 64})
+    model = VQVAE(config).eval()
+    with torch.no_grad():
+        rows = torch.cat(
+            [
+                model.encode_features(torch.from_numpy(p)[None]).permute(0, 2, 3, 1).flatten(0, 2)
+                for p in photo_images
+            ]
+        )
+        centers = kmeans(rows, 64, iters=10, generator=torch.Generator().manual_seed(0))
+        model.quantizer.codebooks[0].weight.copy_(centers)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    batches = {tuple(p.shape[1:]): p[None] for p in photo_images}
+    export_model_dir(
+        model,
+        out,
+        training={"data": "random weights, k-means codebook on pip photos", "steps": 0},
+        verify_batches=batches,
+        progress=None,
+    )
+    return out
