@@ -49,9 +49,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     stop = StopRequest()
     writer = bar = None
     try:
-        if is_main:
-            run.prepare(cfg, resume)
+        run.check(cfg, resume)  # on every rank, so a refusal stops them all
         ddp.barrier()
+        if is_main:
+            run.write_config(cfg)
 
         # -- model and optimisers ---------------------------------------------------------------
         torch.manual_seed(cfg.seed)
@@ -107,7 +108,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(run.tb_dir), purge_step=step + 1 if step else None)
+            # purge_step hides events an interrupted run wrote after its last checkpoint
+            writer = SummaryWriter(str(run.tb_dir), purge_step=step + 1)
         bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), unit="step")
         stop.install()
         last_ckpt, best_ckpt, record = None, None, None
@@ -143,10 +145,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 else None
             )
             optimizer.step()
+            lr = schedulers[0].get_last_lr()[0]  # the rate this step used
             for scheduler in schedulers:
                 scheduler.step()
             step += 1
 
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; lower optim.lr or raise "
+                    f"optim.warmup_steps, then --resume from the last checkpoint"
+                )
             psnr = batch_psnr(x_hat.detach().float(), x)
             seconds = time.perf_counter() - t0
             seconds_total, steps_run = seconds_total + seconds, steps_run + 1
@@ -157,7 +165,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             # -- log, images, checkpoints (every rank joins the all-reduces; rank 0 writes) -------
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = window.summary(step, device)
-                record["lr"] = schedulers[0].get_last_lr()[0]
+                record["lr"] = lr
                 window.reset()
                 if is_main:
                     run.append_metrics(record)

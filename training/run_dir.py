@@ -47,22 +47,23 @@ class RunDir:
         self.latest = self.checkpoints / "latest"
 
     # -- start / resume ---------------------------------------------------------------------------
-    def prepare(self, config: TrainConfig, resume: bool) -> None:
-        """Create the directory and write config.yaml; refuse to mix two runs in one directory."""
-        if self.config_path.exists():
-            if not resume and self.step_checkpoints():
+    def check(self, config: TrainConfig, resume: bool) -> None:
+        """Refuse to mix two runs in one directory (read-only: every rank can call it)."""
+        if not resume and self.step_checkpoints():
+            raise ConfigError(
+                f"out_dir={str(self.root)!r} already holds checkpoints of a run; pass "
+                "--resume to continue it or choose another out_dir"
+            )
+        if resume and self.config_path.exists():
+            previous = parse_yaml(self.config_path.read_text()) or {}
+            if ModelConfig.model_validate(previous.get("model", {})) != config.model:
                 raise ConfigError(
-                    f"out_dir={str(self.root)!r} already holds checkpoints of a run; pass "
-                    "--resume to continue it or choose another out_dir"
+                    f"model: differs from the run being resumed ({self.config_path}); a "
+                    "resumed run keeps its architecture and quantizer options"
                 )
-            if resume:
-                previous = parse_yaml(self.config_path.read_text()) or {}
-                saved_model = ModelConfig.model_validate(previous.get("model", {}))
-                if saved_model != config.model:
-                    raise ConfigError(
-                        f"model: differs from the run being resumed ({self.config_path}); a "
-                        "resumed run keeps its architecture and quantizer options"
-                    )
+
+    def write_config(self, config: TrainConfig) -> None:
+        """Create the directory and write the resolved config.yaml."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.config_path, config.to_yaml().encode())
 

@@ -19,8 +19,11 @@ def _error(overrides: list[str], path: Path | None = TINY) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path: Path) -> None:
+@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml"])
+def test_shipped_training_configs_load(name: str) -> None:
+    path = CONFIG_DIR / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
     config = load_config(path)
     assert config.data.patch_size % config.model.downsample == 0
 
