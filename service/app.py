@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.engine import Engine, InputError
 from service.errors import Problem, install_problem_handlers, problem_response
 from service.images import PreparedImage, ResizePolicy, decode_upload, encode_png, psnr_db
 from service.metrics import HTTPMetricsMiddleware, ServiceMetrics
@@ -56,9 +57,7 @@ EngineFactory = Callable[[Settings], EngineLike]
 
 
 def load_engine(settings: Settings) -> EngineLike:
-    """The real ONNX engine for `settings` (imported here so tests can run without a model)."""
-    from service.engine import Engine
-
+    """The ONNX engine for `settings`; raises service.engine.EngineError when it cannot start."""
     return Engine(
         settings.model_dir,
         providers=settings.providers,
@@ -160,18 +159,15 @@ class TokenizerService:
             ) from full
         except BatcherClosed as closed:
             raise self._unavailable(str(closed)) from closed
-        except ValueError as error:
-            # service.engine.InputError: names the field, the limit and the value.
-            if hasattr(error, "field"):
-                raise Problem(
-                    422,
-                    "invalid-input",
-                    str(error),
-                    field=getattr(error, "field", None),
-                    limit=getattr(error, "limit", None),
-                    value=getattr(error, "value", None),
-                ) from error
-            raise
+        except InputError as error:  # the engine's io contract: names field, limit and value
+            raise Problem(
+                422,
+                "invalid-input",
+                str(error),
+                field=error.field,
+                limit=error.limit,
+                value=error.value,
+            ) from error
 
     async def prepare(self, uploads: Sequence[bytes], policy: ResizePolicy) -> list[PreparedImage]:
         engine, _ = self._require_engine()

@@ -22,6 +22,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app, load_engine
+from service.engine import EngineError
 from service.settings import Settings
 
 log = logging.getLogger("vqtok.service")
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve_workers(args, settings, overrides)
     try:
         engine = load_engine(settings)
-    except Exception as error:  # EngineError, unreadable files, provider problems: all fatal
+    except EngineError as error:  # missing/corrupt files, provider unavailable
         print(f"vqtok-serve: cannot load {settings.model_dir}: {error}", file=sys.stderr)
         return 2
     log.info(

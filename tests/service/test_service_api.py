@@ -18,6 +18,7 @@ from PIL import Image
 from service_fakes import FakeEngine, bomb_png, gradient_image, make_client, png_bytes
 
 from service.app import create_app
+from service.engine import InputError
 from service.settings import Settings
 
 K = 16  # the fake engine's codebook size
@@ -242,13 +243,10 @@ def test_api_key(fake_engine: FakeEngine) -> None:
 
 
 def test_engine_input_errors_are_422_and_other_failures_500(fake_engine: FakeEngine) -> None:
-    class InputError(ValueError):
-        def __init__(self) -> None:
-            super().__init__("images: height 8 is below the model's minimum 16")
-            self.field, self.limit, self.value = "images", 16, 8
-
     def picky(images: np.ndarray) -> np.ndarray:
-        raise InputError
+        raise InputError(
+            "images: height 8 is below the minimum 16", field="images", limit=16, value=8
+        )
 
     fake_engine.encode = picky  # type: ignore[method-assign]
     fake_engine.decode = lambda tokens: 1 / 0  # type: ignore[method-assign]
