@@ -1,0 +1,162 @@
+"""Time per training step: the plain VQ-VAE baseline vs the paper's full pipeline (and any other
+ablation row), exactly as configured in training/configs/ablation.yaml.
+
+One step is the body of ``training.loop.train``'s loop without data loading and logging: encode,
+(alternating mode: the codebook step (1) on sg(z)), quantize (k-means init, dead-code replacement
+and affine inside), decode, reconstruction + alpha·VQ loss, backward, gradient clipping, AdamW step.
+It uses the loop's own ``build_optimizers`` and ``reconstruction_loss``. Batches are real patches
+(the pip-bundled photos, built in memory), cycled.
+
+Timing: every row gets ``--warmup`` steps first (past k-means init), then rows are run round-robin
+(A B A B ...) one step at a time in ONE process, so a shared machine's drift hits every row alike;
+CPU uses ``--threads`` intra-op threads (default 1); CUDA steps are bracketed by synchronize().
+Reported: median and min per row and their ratios to the baseline, then one JSON line.
+
+    .venv/bin/python benchmarks/train_step.py                 # baseline vs full, 40 rounds
+    .venv/bin/python benchmarks/train_step.py --rows baseline,strong,full --rounds 60
+    .venv/bin/python benchmarks/train_step.py --quick         # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# `python benchmarks/train_step.py` without an editable install
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.ablation import DEFAULT_CONFIG, hardware, load_ablation, row_config
+from training.config import TrainConfig
+from training.data import build_patch_bank
+from training.loop import build_optimizers, reconstruction_loss
+from vqmodel import VQVAE
+
+TARGET = 1.25  # issue 3: full pipeline step <= 1.25x the baseline step
+
+
+def make_step(cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], None]:
+    """One optimisation step of ``cfg`` on a batch, as training.loop.train performs it."""
+    torch.manual_seed(cfg.seed)
+    model = VQVAE(cfg.model).to(device).train()
+    quantizer, beta = model.quantizer, cfg.model.quantizer.beta
+    optimizer, codebook_optimizer = build_optimizers(model, cfg)
+    quantizer.attach_optimizer(codebook_optimizer or optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(x: torch.Tensor) -> None:
+        z = model.encode_features(x)
+        if cfg.mode == "alternating":
+            quantizer.codebook_step(z, codebook_optimizer)
+        z_q, info = quantizer(z)
+        x_hat = model.decode_features(z_q)
+        recon = reconstruction_loss(x_hat.float(), x, cfg.loss)
+        vq = info["loss"] if cfg.mode != "alternating" else (1 - beta) * info["loss_commitment"]
+        loss = recon + cfg.alpha * vq.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        loss.item()  # the loop logs the loss every step: one host sync, like here
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--rows", default="baseline,full", help="first row is the reference")
+    parser.add_argument("--rounds", type=int, default=40, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per row first")
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches to cycle")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 2 warm-up steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 3, 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    spec = load_ablation(args.config)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    configs = {r: row_config(spec, r, Path("/nonexistent")) for r in rows}
+    first = configs[rows[0]]
+    patches = build_patch_bank(
+        "pip-photos",
+        patch_size=first.data.patch_size,
+        count=args.batches * first.data.batch_size,
+        seed=0,
+        short_side=(first.data.patch_size * 4, first.data.patch_size * 16),
+        cache_dir=None,
+        progress=False,
+    )
+    batches = torch.from_numpy(patches.copy()).permute(0, 3, 1, 2).float().div(255)
+    batches = list(batches.to(device).split(first.data.batch_size))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    steps = {r: make_step(cfg, device) for r, cfg in configs.items()}
+    for r in rows:
+        for i in range(args.warmup):
+            steps[r](batches[i % len(batches)])
+    times: dict[str, list[float]] = {r: [] for r in rows}
+    for i in range(args.rounds):
+        x = batches[i % len(batches)]
+        for r in rows:
+            sync()
+            start = time.perf_counter()
+            steps[r](x)
+            sync()
+            times[r].append(time.perf_counter() - start)
+
+    ref = rows[0]
+    stats = {
+        r: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)}
+        for r, t in times.items()
+    }
+    for r in rows:
+        stats[r]["ratio_median"] = stats[r]["median_ms"] / stats[ref]["median_ms"]
+        stats[r]["ratio_min"] = stats[r]["min_ms"] / stats[ref]["min_ms"]
+    c = first
+    workload = (
+        f"batch {c.data.batch_size}×3×{c.data.patch_size}², f={c.model.downsample}, "
+        f"K={c.model.quantizer.num_codes}, D={c.model.code_dim}, widths {c.model.widths}"
+    )
+    print(f"train step, {workload}; {hardware()}, device {device}; {args.rounds} rounds")
+    print()
+    print(f"| row | mode | median ms | min ms | median / {ref} | min / {ref} |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        s = stats[r]
+        print(
+            f"| {r} | {configs[r].mode} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | "
+            f"{s['ratio_median']:.2f}× | {s['ratio_min']:.2f}× |"
+        )
+    record = {
+        "benchmark": "train_step",
+        "workload": workload,
+        "device": str(device),
+        "hardware": hardware(),
+        "rounds": args.rounds,
+        "rows": stats,
+    }
+    if "full" in stats and ref == "baseline":
+        ratio = stats["full"]["ratio_median"]
+        record.update({"full_vs_baseline": ratio, "target": TARGET, "met": ratio <= TARGET})
+        print(f"\nfull / baseline (median): {ratio:.2f}× (target ≤ {TARGET}×)")
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

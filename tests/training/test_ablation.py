@@ -1,0 +1,162 @@
+"""vqtok-ablation: a tiny two-row run writes the table and JSON, and finished rows are skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import training.ablation as ablation
+from training.ablation import load_ablation, main, row_config, run_ablation
+from training.config import ConfigError
+
+
+def tiny_spec(cache_dir: Path) -> dict[str, Any]:
+    return {
+        "base": {
+            "model": {
+                "downsample": 4,
+                "base_channels": 8,
+                "channel_mult": [1, 1],
+                "code_dim": 4,
+                "image_size": 16,
+                "quantizer": {"num_codes": 32, "beta": 0.8},
+            },
+            "data": {
+                "source": "pip-photos",
+                "patch_size": 16,
+                "bank_size": 64,
+                "batch_size": 8,
+                "workers": 0,
+                "cache_dir": str(cache_dir),
+            },
+            "optim": {"warmup_steps": 1},
+            "mode": "standard",
+            "steps": 3,
+            "log_every": 1,
+            "ckpt_every": 3,
+            "image_every": 0,
+            "device": "cpu",
+        },
+        "eval": {"data": "pip-photos", "limit": 1},
+        "rows": {
+            "baseline": {"label": "baseline", "overrides": {}},
+            "full": {
+                "label": "full",
+                "overrides": {
+                    "mode": "alternating",
+                    "model.quantizer.affine": "learned",
+                    "model.quantizer.sync_nu": 0.2,
+                    "model.quantizer.kmeans_init": True,
+                    "model.quantizer.kmeans_samples": 64,
+                    "model.quantizer.replace_freq": 2,
+                },
+            },
+        },
+    }
+
+
+@pytest.fixture()
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tmp_path / "cache")))
+    return path
+
+
+def counting_train(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = ablation.train
+
+    def spy(config: Any, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        calls.append(config.steps)
+        return real(config, resume=resume, progress=progress)
+
+    monkeypatch.setattr(ablation, "train", spy)
+    return calls
+
+
+def test_two_rows_write_table_and_json_then_rerun_skips_them(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    calls = counting_train(monkeypatch)
+    argv = ["--config", str(config_file), "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    assert calls == [3, 3]
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["baseline", "full"]
+    for row_id, row in results["rows"].items():
+        assert row["steps"] == 3 and row["sec_per_step"] > 0
+        assert 0 < row["mse"] < 1 and 0 < row["usage"] <= 1 and row["perplexity"] >= 1
+        assert list(row["per_image_psnr"]) == ["astronaut"]
+        assert Path(row["checkpoint"]).parent.parent == out / row_id
+    assert results["rows"]["full"]["config"]["mode"] == "alternating"
+    assert results["rows"]["full"]["config"]["model"]["quantizer"]["affine"] == "learned"
+    assert results["rows"]["baseline"]["config"]["model"]["quantizer"]["affine"] == "off"
+    table = (out / "table.md").read_text()
+    assert "| baseline |" in table and "| full |" in table
+    assert "full / baseline perplexity ≥ 20×" in table  # the issue's targets are checked
+
+    # re-run: nothing trains again, the results are untouched
+    before = (out / "results.json").read_text()
+    assert main(argv) == 0
+    assert calls == [3, 3]
+    after = json.loads((out / "results.json").read_text())
+    assert after["rows"] == json.loads(before)["rows"]
+
+    # a different step count is a different experiment: that row trains again from scratch
+    assert main([*argv, "--rows", "baseline", "--steps", "2"]) == 0
+    assert calls == [3, 3, 2]
+    assert json.loads((out / "results.json").read_text())["rows"]["baseline"]["steps"] == 2
+
+
+def test_bad_row_or_key_fails_before_any_training(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting_train(monkeypatch)
+    with pytest.raises(ConfigError, match=r"--rows: unknown row\(s\) \['nope'\]"):
+        run_ablation(config_file, tmp_path / "out", rows=["baseline", "nope"], progress=False)
+    spec = tiny_spec(tmp_path)
+    spec["rows"]["full"]["overrides"]["model.quantizer.afine"] = "learned"
+    config_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"(?s)row 'full'.*model\.quantizer\.afine: unknown key"):
+        run_ablation(config_file, tmp_path / "out", progress=False)
+    assert calls == []
+
+
+def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> None:
+    spec = load_ablation("training/configs/ablation.yaml")
+    assert list(spec["rows"]) == [
+        "baseline",
+        "affine",
+        "sync",
+        "alternating",
+        "replacement",
+        "kmeans",
+        "full",
+        "strong",
+    ]
+    configs = {r: row_config(spec, r, Path("runs/x")) for r in spec["rows"]}
+    base = configs["baseline"]
+    q = base.model.quantizer
+    assert (base.mode, q.beta, q.affine, q.sync_nu, q.replace_freq, q.kmeans_init) == (
+        "standard",
+        0.8,
+        "off",
+        0.0,
+        0,
+        False,
+    )
+    assert q.num_codes == 1024 and q.init_std is None
+    full, strong = configs["full"], configs["strong"]
+    assert full.mode == "alternating" and full.model.quantizer.affine != "off"
+    assert full.model.quantizer.sync_nu > 0 and full.model.quantizer.kmeans_init
+    assert strong.mode == "standard" and strong.model.quantizer.affine == "off"
+    assert strong.model.quantizer.kmeans_init and strong.model.quantizer.replace_freq > 0
+    for config in configs.values():  # same data, steps, seed, architecture
+        assert (config.data, config.steps, config.seed) == (base.data, base.steps, base.seed)
+        assert config.model.widths == base.model.widths
