@@ -182,9 +182,17 @@ def _array_from_lists(tokens: list[Any]) -> np.ndarray:
             f"tokens: not a rectangular grid of integers (ragged rows or mixed types: {error})",
             field="tokens",
         ) from error
+    if array.size == 0:
+        raise Problem(
+            422,
+            "invalid-tokens",
+            f"tokens: empty token grid, shape {list(array.shape)}",
+            field="tokens",
+            value=list(array.shape),
+        )
     if array.dtype.kind == "f":
-        fractional = array[array != np.round(array)] if array.size else array
-        example = fractional.flat[0].item() if fractional.size else array.flat[0].item()
+        fractional = array[array != np.round(array)]
+        example = (fractional if fractional.size else array).flat[0].item()
         raise Problem(
             422,
             "invalid-tokens",
