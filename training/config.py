@@ -81,6 +81,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA; always off on CPU")
     compile: bool = Field(False, description="torch.compile the encoder and decoder")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op CPU threads per process; None: torch's default"
+    )
     time_limit_s: float | None = Field(
         None, gt=0.0, description="wall-clock limit: save a checkpoint and exit, resumable"
     )

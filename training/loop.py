@@ -43,6 +43,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """
     cfg = config
     started = time.monotonic()
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # 1 is much faster than 2 on a busy 2-core machine
     runtime = ddp.setup(cfg.device)
     device, is_main = runtime.device, runtime.is_main
     run = RunDir(cfg.out_dir)
@@ -208,6 +211,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "world_size": runtime.world_size,
         }
     finally:
+        torch.set_num_threads(threads_before)
         stop.restore()
         if bar is not None:
             bar.close()
