@@ -1,0 +1,262 @@
+"""HTTP load on a real vqtok-serve: throughput and latency vs concurrency, against the engine's
+own batched throughput measured in the same run.
+
+    .venv/bin/python benchmarks/service_load.py --model-dir models/default
+    .venv/bin/python benchmarks/service_load.py --model-dir DIR --seconds 3   # quicker
+
+What runs where: the service is a separate `vqtok-serve` process (its own onnxruntime threads,
+micro-batcher and event loop); this process is the load generator (asyncio + httpx, one
+connection per virtual client, no think time). Both share the machine's cores, as a sidecar
+load generator would.
+
+Workloads: encode = one 256×256 PNG photo crop per request (resize=none, so the engine sees
+exactly 256×256, like the raw measurement); decode = its 32×32 token grid (f=8) as base64 uint16,
+answered with a 256×256 PNG. Each (operation, concurrency) cell runs `--seconds` after a short
+warm-up; latency is per request (p50/p95/p99), throughput is completed requests per second.
+Mean batch size per cell comes from the service's own /metrics (batch-size histogram deltas).
+
+Raw engine: the same Engine class the service uses, loaded in this process with the same thread
+settings, timed on batches of `--max-batch` images (median of 5 rounds, images/s), measured
+BEFORE the HTTP runs while the service is idle. Target: HTTP encode throughput at concurrency 16
+≥ 0.8 × raw encode throughput.
+
+Output: a markdown table, then exactly one final line of JSON with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.engine import Engine
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def photo_crop(size: int = 256) -> np.ndarray:
+    """A size×size crop of scikit-image's astronaut (pip wheel file), else seeded noise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "astronaut.png"
+        if path.is_file():
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            return np.ascontiguousarray(rgb[100 : 100 + size, 120 : 120 + size])
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
+        "--model-dir", str(args.model_dir), "--max-batch", str(args.max_batch),
+        "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
+        "--intra-op-threads", str(args.intra_op_threads), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"vqtok-serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("vqtok-serve did not become ready in 120 s")
+
+
+def raw_engine(args: argparse.Namespace, image: np.ndarray) -> dict[str, float]:
+    engine = Engine(args.model_dir, intra_op_threads=args.intra_op_threads, warmup=True)
+    batch = np.repeat((image.transpose(2, 0, 1)[None] / 255).astype(np.float32), args.max_batch, 0)
+    tokens = engine.encode(batch)
+    rates = {}
+    for name, fn, data in (("encode", engine.encode, batch), ("decode", engine.decode, tokens)):
+        fn(data)
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn(data)
+            times.append(time.perf_counter() - started)
+        rates[name] = args.max_batch / statistics.median(times)
+        rates[name + "_best"] = args.max_batch / min(times)
+    return rates
+
+
+def batch_stats(text: str, operation: str) -> tuple[float, float]:
+    values = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in values:
+            if line.startswith(f'vqtok_batch_size_{key}{{operation="{operation}"}}'):
+                values[key] = float(line.split()[-1])
+    return values["sum"], values["count"]
+
+
+async def load(
+    base_url: str, operation: str, concurrency: int, seconds: float, payload: Any
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+
+        async def one() -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            if operation == "encode":
+                response = await client.post(
+                    "/v1/encode",
+                    files=[("images", ("x.png", payload, "image/png"))],
+                    data={"resize": "none", "format": "base64"},
+                )
+            else:
+                response = await client.post("/v1/decode", json=payload)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+        async def client_loop(stop_at: float) -> None:
+            while time.perf_counter() < stop_at:
+                await one()
+
+        # warm-up: connections open, caches hot
+        await asyncio.gather(*(client_loop(time.perf_counter() + 0.5) for _ in range(concurrency)))
+        latencies.clear()
+        before = (await client.get("/metrics")).text
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(started + seconds) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        after = (await client.get("/metrics")).text
+    (s0, c0), (s1, c1) = batch_stats(before, operation), batch_stats(after, operation)
+    q = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": float(q[0]),
+        "p95_ms": float(q[1]),
+        "p99_ms": float(q[2]),
+        "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per cell")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    args = parser.parse_args()
+    if not (args.model_dir / "model.json").is_file():
+        raise SystemExit(f"{args.model_dir} has no model.json; pass --model-dir")
+
+    image = photo_crop()
+    raw = raw_engine(args, image)
+    port = free_port()
+    service = start_service(args, port)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        model = httpx.get(base_url + "/v1/model").json()
+        encoded = httpx.post(
+            base_url + "/v1/encode",
+            files=[("images", ("x.png", png_bytes(image), "image/png"))],
+            data={"resize": "none", "format": "base64"},
+            timeout=60,
+        ).json()["items"][0]
+        payloads = {
+            "encode": png_bytes(image),
+            "decode": {"tokens_b64": encoded["tokens"], "shape": encoded["shape"]},
+        }
+        cells: dict[str, dict[int, dict[str, Any]]] = {"encode": {}, "decode": {}}
+        for operation in ("encode", "decode"):
+            for concurrency in args.concurrency:
+                cells[operation][concurrency] = asyncio.run(
+                    load(base_url, operation, concurrency, args.seconds, payloads[operation])
+                )
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
+
+    print(f"model {model.get('id')} from {args.model_dir}; {os.cpu_count()} CPUs; "
+          f"{args.seconds:g} s per cell; max_batch {args.max_batch}, "
+          f"max_wait_ms {args.max_wait_ms:g}")  # fmt: skip
+    print(f"raw engine, batch {args.max_batch}, 256×256: encode {raw['encode']:.1f} img/s, "
+          f"decode {raw['decode']:.1f} img/s (median of 5)\n")  # fmt: skip
+    print(
+        "| op | concurrency | req/s | × raw engine | p50 ms | p95 ms | p99 ms | mean batch "
+        "| errors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for operation, by_concurrency in cells.items():
+        for concurrency, cell in by_concurrency.items():
+            ratio = cell["rps"] / raw[operation]
+            print(
+                f"| {operation} | {concurrency} | {cell['rps']:.1f} | {ratio:.2f} | "
+                f"{cell['p50_ms']:.1f} | {cell['p95_ms']:.1f} | {cell['p99_ms']:.1f} | "
+                f"{cell['mean_batch']:.1f} | {cell['errors']} |"
+            )
+    c16 = cells["encode"].get(16)
+    ratio16 = c16["rps"] / raw["encode"] if c16 else None
+    if ratio16 is not None:
+        verdict = "meets" if ratio16 >= 0.8 else "misses"
+        print(
+            f"\nHTTP encode at concurrency 16 = {ratio16:.2f} × raw engine "
+            f"({verdict} the 0.8 target)"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "service_load",
+                "model_id": model.get("id"),
+                "model_dir": str(args.model_dir),
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "seconds_per_cell": args.seconds,
+                "max_batch": args.max_batch,
+                "max_wait_ms": args.max_wait_ms,
+                "raw_engine_ips": raw,
+                "http": {op: {str(c): v for c, v in d.items()} for op, d in cells.items()},
+                "encode_c16_over_raw": ratio16,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
