@@ -156,4 +156,5 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
     assert summary["last_checkpoint"].endswith(f"step_{stopped_at:07d}")
     assert os.readlink(run / "checkpoints" / "latest") == f"step_{stopped_at:07d}"
     assert read_metrics(run)[-1]["step"] == stopped_at
-    assert resume_to(run, bank_cache, stopped_at + 2) == stopped_at
+    if sig == signal.SIGTERM:  # (the resume path is the same for both; run it once)
+        assert resume_to(run, bank_cache, stopped_at + 2) == stopped_at
