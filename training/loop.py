@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -96,6 +97,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
         # -- resume -----------------------------------------------------------------------------
         step, best_recon, window = 0, math.inf, Window(cfg.model.quantizer.num_codes)
+        wall_before = 0.0  # wall time of the earlier invocations of a resumed run
         found = run.resumable_checkpoint() if resume else None
         if found is not None:
             path, state = found
@@ -103,6 +105,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             model.load_state_dict(loaded.state_dict())
             restore_training_state(state, model, optimizers, schedulers, batches, window, device)
             step, best_recon = int(state["step"]), float(state["best_recon"])
+            wall_before = float(state.get("wall_s", 0.0))  # absent before 2026-11-27 03:40
         if is_main:
             run.truncate_metrics_after(step)  # drop what the interrupted run logged after it
         if is_main and step:
@@ -181,14 +184,25 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
             stop_now = ddp.any_rank(stop.requested or stop.time_up(started, cfg), device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
+                wall_s = wall_before + time.monotonic() - started
                 state = training_state(
                     step, best_recon, model, optimizers, schedulers, batches, window
                 )
+                state["wall_s"] = wall_s
                 digests = ddp.digests_by_rank(model, device)
                 if len(set(digests)) > 1:
                     warnings.warn(f"ranks hold different weights: {digests}", stacklevel=1)
                 if is_main:
-                    meta = {"step": step, "mode": cfg.mode, "rank_digests": digests}
+                    meta = {
+                        "step": step,
+                        "mode": cfg.mode,
+                        "wall_s": round(wall_s, 1),
+                        "device": device_name(device),
+                        "world_size": runtime.world_size,
+                        "torch": torch.__version__,
+                        "command": " ".join(sys.argv),
+                        "rank_digests": digests,
+                    }
                     last_ckpt = run.save_step(step, model, state, meta, cfg.keep_last)
             if stop_now:
                 stopped = "signal" if stop.requested else "time_limit"
@@ -205,6 +219,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "last_checkpoint": str(last_ckpt) if last_ckpt else None,
             "best_checkpoint": str(best_ckpt) if best_ckpt else None,
             "sec_per_step": seconds_total / steps_run if steps_run else None,
+            "wall_s": wall_before + time.monotonic() - started,
             "stopped": stopped,
             "signal": stop.signum,
             "rank": runtime.rank,
@@ -452,6 +467,13 @@ class StopRequest:
     @staticmethod
     def time_up(started: float, cfg: TrainConfig) -> bool:
         return cfg.time_limit_s is not None and time.monotonic() - started >= cfg.time_limit_s
+
+
+def device_name(device: torch.device) -> str:
+    """ "cpu (N threads)" or the CUDA device's product name, for checkpoint metadata."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 # -- TensorBoard -----------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ def test_run_directory_layout(tmp_path: Path, bank_cache: Path) -> None:
     state = load_training_state(checkpoints / "step_0000012")
     assert state["step"] == 12 and state["data"] == {"epoch": 0, "batch": 12}
     assert state["inner_optimizers"][0]["state"]  # the in-place step's Adam moments
-    assert load_metadata(checkpoints / "step_0000012")["step"] == 12
+    meta = load_metadata(checkpoints / "step_0000012")
+    assert meta["step"] == 12 and meta["mode"] == "inplace" and meta["world_size"] == 1
+    assert meta["device"].startswith("cpu") and meta["wall_s"] >= 0
     best_meta = load_metadata(checkpoints / "best")
     assert best_meta["train_recon"] == min(line["recon"] for line in lines)
     _, model_config = load_model(checkpoints / "best")
