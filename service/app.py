@@ -215,6 +215,17 @@ class TokenizerService:
     async def encode(
         self, uploads: Sequence[bytes], policy: ResizePolicy, fmt: TokenFormat
     ) -> dict[str, Any]:
+        engine, _ = self._require_engine()
+        if fmt == "base64" and int(engine.info.codebook_size) > 1 << 16:
+            raise Problem(
+                422,
+                "format-unavailable",
+                f"format: base64 carries uint16 tokens; this model has "
+                f"{engine.info.codebook_size} codes, use format=json",
+                field="format",
+                limit=1 << 16,
+                value=int(engine.info.codebook_size),
+            )
         prepared = await self.prepare(uploads, policy)
         tokens = await self._run("encode", [image.pixels for image in prepared])
         for grid in tokens:

@@ -231,7 +231,9 @@ def test_chunked_body_over_the_limit_is_cut_off(server: Server) -> None:
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
     problem_body = json.loads(body[body.index(b"{") :])
     assert problem_body["limit"] == 8 << 20
-    assert 8 << 20 < problem_body["value"] <= (8 << 20) + 2 * len(chunk)
+    # Cut off soon after the limit (uvicorn hands over socket reads of a few chunks at a time),
+    # long before the 16 MiB the client meant to send.
+    assert 8 << 20 < problem_body["value"] <= 9 << 20
 
 
 def test_bad_tokens_over_http(server: Server, model: dict[str, Any]) -> None:
