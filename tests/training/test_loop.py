@@ -86,6 +86,18 @@ def test_alternating_training_moves_the_codebook_by_its_own_step(
     state = load_training_state(summary["last_checkpoint"])
     assert len(state["optimizers"]) == 2  # model optimizer + codebook optimizer
     assert state["optimizers"][1]["param_groups"][0]["lr"] < config.optim.codebook_lr  # cosine
+    # the model step leaves no gradient on the codebook without sync: the codebook term is
+    # step (1)'s alone, not applied a second time through the model loss
+    assert all(grad is None or not grad.any() for grad in state["codebook_grads"])
+
+
+def test_alternating_sync_gradient_waits_on_the_codebook_for_the_next_step(
+    tmp_path: Path, bank_cache: Path
+) -> None:
+    config = tiny(tmp_path / "run", bank_cache, "steps=2", "log_every=2", "image_every=0")
+    assert config.model.quantizer.sync_nu > 0
+    state = load_training_state(train(config, progress=False)["last_checkpoint"])
+    assert state["codebook_grads"][0] is not None and state["codebook_grads"][0].abs().sum() > 0
 
 
 def test_run_directory_layout(tmp_path: Path, bank_cache: Path) -> None:
