@@ -46,7 +46,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     started = time.monotonic()
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)  # 1 is much faster than 2 on a busy 2-core machine
+        torch.set_num_threads(cfg.threads)  # on a shared CPU fewer threads can be much faster
     runtime = ddp.setup(cfg.device)
     device, is_main = runtime.device, runtime.is_main
     run = RunDir(cfg.out_dir)
