@@ -30,7 +30,9 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -361,6 +363,7 @@ def export_model_dir(
     card: dict[str, Any] | None = None,
     fp16: bool = False,
     source: str | None = None,
+    command: str | None = None,
     verify_batches: dict[tuple, np.ndarray] | None = None,
     progress: Progress | None = print,
 ) -> ExportResult:
@@ -376,6 +379,7 @@ def export_model_dir(
         fp16: conv stacks in half precision (for GPUs); distances and argmin stay fp32. Token
             agreement with fp32 torch is reported, not required.
         source: where the weights came from (a checkpoint path); kept out of the public view.
+        command: the export command line, recorded under ``export``.
         verify_batches: {(h, w): float32 [B,3,h,w]} photos to verify on; default: pip photos at
             :func:`verification_sizes`, batch 1 and 8.
         progress: called with one line per step; None for silence.
@@ -446,6 +450,8 @@ def export_model_dir(
             "metrics": metrics,
             "export": {
                 "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+                "git_rev": _git_rev(),
+                "command": command,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seconds": round(time.perf_counter() - started, 1),
                 "parity": parity.summary(),
@@ -523,7 +529,30 @@ def training_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     record = metadata.pop("training", None)
     if isinstance(record, dict):
         metadata = {**metadata, **record}
+    # a checkpoint inside a run directory (runs/X/checkpoints/step_N): the run's resolved config
+    # says what data, steps and options produced it
+    resolved = checkpoint.resolve()
+    run_config = resolved.parent.parent / "config.yaml"
+    if resolved.parent.name == "checkpoints" and run_config.is_file():
+        import yaml
+
+        metadata.setdefault("run_config", yaml.safe_load(run_config.read_text()))
     return metadata, metrics if isinstance(metrics, dict) else {"value": metrics}
+
+
+def _git_rev() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -564,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             card=_read_json(args.card, "card"),
             fp16=args.fp16,
             source=str(checkpoint.resolve()),
+            command=shlex.join(["vqtok-export", *(sys.argv[1:] if argv is None else argv)]),
         )
         if args.fp16:
             print(

@@ -156,11 +156,13 @@ def test_cli_exports_checkpoint_with_card_and_triton(
     tiny_model_dir: Path, engine: Engine, tmp_path: Path, photo_images: list, capsys
 ) -> None:
     model, _ = load_model(tiny_model_dir)
+    run = tmp_path / "run"  # a checkpoint inside a training run directory
     checkpoint = save_checkpoint(
-        tmp_path / "ckpt",
+        run / "checkpoints" / "step_0001234",
         model,
         metadata={"training": {"steps": 1234, "git_rev": "abc1234"}, "metrics": {"psnr": 21.5}},
     )
+    (run / "config.yaml").write_text("data:\n  source: pip-photos\nsteps: 1234\n")
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"description": "tiny test model", "metrics": {"lpips": 0.3}}))
     out, triton = tmp_path / "models" / "tiny", tmp_path / "triton"
@@ -172,6 +174,8 @@ def test_cli_exports_checkpoint_with_card_and_triton(
 
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["training"]["steps"] == 1234 and manifest["training"]["git_rev"] == "abc1234"
+    assert manifest["training"]["run_config"]["data"]["source"] == "pip-photos"
+    assert manifest["export"]["command"].startswith("vqtok-export ")
     assert manifest["metrics"] == {"psnr": 21.5, "lpips": 0.3}
     assert manifest["description"] == "tiny test model"
     assert (triton / "vq_encoder" / "1" / "model.onnx").is_file()
