@@ -14,8 +14,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -41,6 +43,7 @@ from service.schemas import (
 from service.settings import Settings
 
 log = logging.getLogger("vqtok.service")
+T = TypeVar("T")
 
 
 class EngineLike(Protocol):
@@ -83,6 +86,7 @@ class TokenizerService:
         self.engine: EngineLike | None = None
         self.batcher: MicroBatcher | None = None
         self.draining = False
+        self._image_limiter = anyio.CapacityLimiter(settings.image_threads)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -118,6 +122,11 @@ class TokenizerService:
         return self.engine is not None and not self.draining
 
     # -- operations -----------------------------------------------------------------------
+
+    async def _image_work(self, fn: Callable[[], T]) -> T:
+        # Image decoding/encoding runs off the event loop, but on at most `image_threads`
+        # threads: 64 concurrent uploads decoded at once would starve the engine of the cores.
+        return await anyio.to_thread.run_sync(fn, limiter=self._image_limiter)
 
     def _require_engine(self) -> tuple[EngineLike, MicroBatcher]:
         if self.engine is None or self.batcher is None:
@@ -196,7 +205,7 @@ class TokenizerService:
                 for index, data in enumerate(uploads)
             ]
 
-        prepared = await run_in_threadpool(decode_all)
+        prepared = await self._image_work(decode_all)
         for index, image in enumerate(prepared):
             h, w = image.image_size
             grid = (h // int(info.downsample)) * (w // int(info.downsample))
@@ -270,7 +279,7 @@ class TokenizerService:
         def to_pngs() -> list[bytes]:
             return [encode_png(image, crop_to=size) for image, size in zip(images, sizes)]
 
-        return await run_in_threadpool(to_pngs), sizes, single
+        return await self._image_work(to_pngs), sizes, single
 
     async def reconstruct(self, upload: bytes, policy: ResizePolicy) -> Reconstruction:
         (image,) = await self.prepare([upload], policy)
@@ -285,7 +294,7 @@ class TokenizerService:
             psnr = psnr_db(image.pixels[:, :h, :w], np.clip(output[:, :h, :w], 0.0, 1.0))
             return Reconstruction(encode_png(output, crop_to=size), psnr, size)
 
-        return await run_in_threadpool(finish)
+        return await self._image_work(finish)
 
 
 # -- the gate: checks that need no body ---------------------------------------------------

@@ -33,6 +33,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "providers": (str, "auto | cpu | cuda | tensorrt"),
     "intra_op_threads": (int, "onnxruntime intra-op threads (0 = onnxruntime's choice)"),
     "inter_op_threads": (int, "onnxruntime inter-op threads"),
+    "image_threads": (int, "threads decoding uploads and encoding PNGs (default: cores)"),
     "max_batch": (int, "most images per engine call"),
     "max_wait_ms": (float, "longest an image waits for a batch to fill"),
     "max_queue": (int, "most queued images before 503"),

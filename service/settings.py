@@ -6,6 +6,7 @@ as flags, so a flag always wins over the environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,11 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1)
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
+    image_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="threads decoding uploads / encoding PNGs (default: one per core)",
+    )
     max_batch: int = Field(16, ge=1, description="most images in one engine call")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a queued image waits for company")
     max_queue: int = Field(256, ge=1, description="most images waiting; more answers 503")
