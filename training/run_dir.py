@@ -54,7 +54,7 @@ class RunDir:
                 f"out_dir={str(self.root)!r} already holds checkpoints of a run; pass "
                 "--resume to continue it or choose another out_dir"
             )
-        if resume and self.config_path.exists():
+        if resume and self.step_checkpoints() and self.config_path.exists():
             previous = parse_yaml(self.config_path.read_text()) or {}
             if ModelConfig.model_validate(previous.get("model", {})) != config.model:
                 raise ConfigError(

@@ -155,6 +155,9 @@ def test_out_dir_with_checkpoints_needs_resume(tmp_path: Path, bank_cache: Path)
     train(config, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(config, progress=False)
+    # resuming keeps the architecture: a different model is refused before any work
+    with pytest.raises(ConfigError, match="model: differs"):
+        train(tiny(tmp_path / "run", bank_cache, "steps=4", "model.code_dim=4"), resume=True)
     # --resume of a finished run does nothing and reports the same place
     summary = train(config, resume=True, progress=False)
     assert summary["step"] == 2 and summary["sec_per_step"] is None
