@@ -497,8 +497,17 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         ],
         ref_template="#/components/schemas/{model}",
     )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components = schema.setdefault("components", {})
     for name, definition in extra.get("$defs", {}).items():
-        components.setdefault(name, definition)
+        components.setdefault("schemas", {}).setdefault(name, definition)
+    if app.state.settings.api_key is not None:
+        components["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}, {"apiKey": []}]
     app.openapi_schema = schema
     return schema

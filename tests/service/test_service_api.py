@@ -243,6 +243,9 @@ def test_api_key(fake_engine: FakeEngine) -> None:
         )
         assert client.get("/health/ready").status_code == 200  # probes need no key
         assert client.get("/metrics").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert schema["paths"]["/v1/encode"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+        assert "security" not in schema["paths"]["/health/ready"]["get"]
 
 
 def test_engine_input_errors_are_422_and_other_failures_500(fake_engine: FakeEngine) -> None:
