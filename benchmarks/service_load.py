@@ -5,9 +5,9 @@ own batched throughput measured in the same run.
     .venv/bin/python benchmarks/service_load.py --model-dir DIR --seconds 3   # quicker
 
 What runs where: the service is a separate `vqtok-serve` process (its own onnxruntime threads,
-micro-batcher and event loop); this process is the load generator (asyncio + httpx, one
-connection per virtual client, no think time). Both share the machine's cores, as a sidecar
-load generator would.
+micro-batcher and event loop); the load comes from separate generator processes (asyncio +
+httpx, at most 16 closed-loop clients each, one connection per client, no think time, request
+bodies built once). Everything shares the machine's cores, as a sidecar load generator would.
 
 Workloads: encode = one 256×256 PNG photo crop per request (resize=none, so the engine sees
 exactly 256×256, like the raw measurement); decode = its 32×32 token grid (f=8) as base64 uint16,
@@ -30,12 +30,14 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,52 +139,87 @@ def batch_stats(text: str, operation: str) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
-async def load(
-    base_url: str, operation: str, concurrency: int, seconds: float, payload: Any
-) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+CLIENTS_PER_PROCESS = (
+    16  # one httpx client pool beyond ~16 connections eats more CPU than the server
+)
 
-        async def one() -> None:
-            nonlocal errors
-            started = time.perf_counter()
-            if operation == "encode":
-                response = await client.post(
-                    "/v1/encode",
-                    files=[("images", ("x.png", payload, "image/png"))],
-                    data={"resize": "none", "format": "base64"},
-                )
-            else:
-                response = await client.post("/v1/decode", json=payload)
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
 
-        async def client_loop(stop_at: float) -> None:
-            while time.perf_counter() < stop_at:
-                await one()
+def request_for(operation: str, payload: Any) -> tuple[str, bytes, dict[str, str]]:
+    """The request body built once: the load generator should not spend CPU re-encoding it."""
+    if operation == "encode":
+        request = httpx.Request(
+            "POST", "http://x/v1/encode",
+            files=[("images", ("x.png", payload, "image/png"))],
+            data={"resize": "none", "format": "base64"},
+        )  # fmt: skip
+    else:
+        request = httpx.Request("POST", "http://x/v1/decode", json=payload)
+    return request.url.path, request.read(), {"content-type": request.headers["content-type"]}
 
-        # warm-up: connections open, caches hot
-        await asyncio.gather(*(client_loop(time.perf_counter() + 0.5) for _ in range(concurrency)))
-        latencies.clear()
-        before = (await client.get("/metrics")).text
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(started + seconds) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        after = (await client.get("/metrics")).text
+
+def client_process(
+    base_url: str, request: tuple[str, bytes, dict[str, str]], clients: int,
+    warm_until: float, start_at: float, seconds: float,
+) -> tuple[list[float], int]:  # fmt: skip
+    """One load-generator process: `clients` closed-loop clients, latencies of the timed window."""
+    path, body, headers = request
+
+    async def run() -> tuple[list[float], int]:
+        latencies: list[float] = []
+        errors = 0
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+
+            async def client_loop(stop_at: float, record: bool) -> None:
+                nonlocal errors
+                while time.time() < stop_at:
+                    started = time.perf_counter()
+                    response = await client.post(path, content=body, headers=headers)
+                    if not record:
+                        continue
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+
+            await asyncio.gather(*(client_loop(warm_until, False) for _ in range(clients)))
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            await asyncio.gather(*(client_loop(start_at + seconds, True) for _ in range(clients)))
+        return latencies, errors
+
+    return asyncio.run(run())
+
+
+def load(
+    pool: ProcessPoolExecutor, base_url: str, operation: str, concurrency: int, seconds: float,
+    payload: Any,
+) -> dict[str, Any]:  # fmt: skip
+    request = request_for(operation, payload)
+    processes = -(-concurrency // CLIENTS_PER_PROCESS)
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    now = time.time()
+    warm_until, start_at = now + 1.5, now + 2.5  # process start-up, then 1 s warm-up
+    futures = [
+        pool.submit(client_process, base_url, request, n, warm_until, start_at, seconds)
+        for n in shares
+    ]
+    time.sleep(max(0.0, start_at - 0.2 - time.time()))
+    before = httpx.get(base_url + "/metrics").text
+    results = [future.result() for future in futures]
+    elapsed = time.time() - start_at  # the last client finishes its last request after the window
+    after = httpx.get(base_url + "/metrics").text
+    latencies = [latency for result in results for latency in result[0]]
     (s0, c0), (s1, c1) = batch_stats(before, operation), batch_stats(after, operation)
     q = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
     return {
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(result[1] for result in results),
         "rps": len(latencies) / elapsed,
         "p50_ms": float(q[0]),
         "p95_ms": float(q[1]),
         "p99_ms": float(q[2]),
         "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan"),
+        "client_processes": processes,
     }
 
 
@@ -215,6 +252,8 @@ def main() -> None:
             "encode": png_bytes(image),
             "decode": {"tokens_b64": encoded["tokens"], "shape": encoded["shape"]},
         }
+        pool = ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(time.sleep, [0.5] * 4))  # generator processes started before any cell
         cells: dict[str, dict[int, dict[str, Any]]] = {"encode": {}, "decode": {}}
         raw_runs: dict[str, list[dict[str, float]]] = {"encode": [], "decode": []}
         for operation in ("encode", "decode"):
@@ -222,10 +261,11 @@ def main() -> None:
             # machine the drift between the two says how far the ratios can be trusted.
             raw_runs[operation].append(engine.rate(operation))
             for concurrency in args.concurrency:
-                cells[operation][concurrency] = asyncio.run(
-                    load(base_url, operation, concurrency, args.seconds, payloads[operation])
+                cells[operation][concurrency] = load(
+                    pool, base_url, operation, concurrency, args.seconds, payloads[operation]
                 )
             raw_runs[operation].append(engine.rate(operation))
+        pool.shutdown()
     finally:
         service.terminate()
         service.wait(timeout=60)
