@@ -279,12 +279,19 @@ def target_checks(
     if full and strong:
         mse = _ratio(full["mse"], strong["mse"])
         if mse is not None:
-            checks.append(("full MSE < strong baseline MSE", f"{mse:.2f}×", mse < 1))
+            checks.append(("full MSE < strong baseline MSE", f"{mse:.3f}×", mse < 1))
         checks.append(
             (
                 "full usage > strong baseline usage",
                 f"{full['usage']:.1%} vs {strong['usage']:.1%}",
                 full["usage"] > strong["usage"],
+            )
+        )
+        checks.append(
+            (
+                "full perplexity > strong baseline perplexity",
+                f"{full['perplexity']:.1f} vs {strong['perplexity']:.1f}",
+                full["perplexity"] > strong["perplexity"],
             )
         )
     return checks
