@@ -77,11 +77,17 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags (they win over VQTOK_* environment variables)."""
     overrides = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if args.no_warmup:
         overrides["warmup"] = False
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = flag_overrides(args)
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
