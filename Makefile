@@ -32,8 +32,14 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 
 # resumable: run it again after an interruption and it continues from the newest checkpoint
+# train (resumable: re-run after an interruption), evaluate on the pip-bundled photos at native
+# size, export + verify ONNX parity into models/default with the eval metrics in model.json
+DEFAULT_RUN := runs/default
 train-default: $(VENV)/.dev-installed
 	$(BIN)/vqtok-train --config training/configs/default.yaml --resume
+	$(BIN)/vqtok-eval $(DEFAULT_RUN)/checkpoints/latest --data pip-photos --out $(DEFAULT_RUN)/eval
+	$(BIN)/vqtok-export $(DEFAULT_RUN)/checkpoints/latest --out models/default \
+		--card training/configs/default-card.json --metrics $(DEFAULT_RUN)/eval/report.json
 
 $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install --quiet -e '.[bench]' $(TORCH_PIN)
