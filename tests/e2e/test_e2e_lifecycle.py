@@ -4,6 +4,7 @@ key guards /v1; SIGTERM while requests wait in the queue still answers every one
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,14 @@ def small_images(count: int) -> list[bytes]:
     return [png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(count)]
 
 
+async def wait_for_queue(server: Server, depth: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while queue_depth(server) < depth:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue never reached {depth}:\n{server.log()[-3000:]}")
+        await asyncio.sleep(0.02)
+
+
 def queue_depth(server: Server) -> float:
     for line in httpx.get(server.base_url + "/metrics", timeout=10).text.splitlines():
         if line.startswith("vqtok_queue_depth "):
@@ -33,12 +42,12 @@ def queue_depth(server: Server) -> float:
 
 @pytest.fixture
 def slow_batching_server(e2e_model_dir: Path) -> Server:
-    # Long max_wait: accepted images sit in the queue ~1.5 s, long enough to act on them.
+    # Long max_wait: accepted images sit in the queue ~3 s, long enough to act on them.
     server = start_server(
         e2e_model_dir,
         env={
             "VQTOK_MAX_BATCH": "64",
-            "VQTOK_MAX_WAIT_MS": "1500",
+            "VQTOK_MAX_WAIT_MS": "3000",
             "VQTOK_MAX_QUEUE": "4",
             "VQTOK_MAX_IMAGES": "4",
             "VQTOK_API_KEY": "e2e-key",
@@ -60,8 +69,7 @@ def test_api_key_full_queue_503_and_recovery(slow_batching_server: Server) -> No
                 asyncio.ensure_future(client.post("/v1/encode", files=upload(i), headers=KEY))
                 for i in images[:4]
             ]
-            while queue_depth(server) < 4:  # all four accepted and waiting for company
-                await asyncio.sleep(0.02)
+            await wait_for_queue(server, 4)  # all four accepted and waiting for company
             late = await asyncio.gather(
                 *(client.post("/v1/encode", files=upload(i), headers=KEY) for i in images[4:])
             )
@@ -93,8 +101,7 @@ def test_sigterm_under_load_answers_every_accepted_request(slow_batching_server:
                 asyncio.ensure_future(client.post("/v1/encode", files=upload(i), headers=KEY))
                 for i in images
             ]
-            while queue_depth(server) < len(images):
-                await asyncio.sleep(0.02)
+            await wait_for_queue(server, len(images))
             server.process.terminate()  # SIGTERM while all four wait in the queue
             await asyncio.sleep(0.3)
             try:
