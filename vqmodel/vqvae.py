@@ -42,8 +42,10 @@ class ModelConfig(BaseModel):
     )
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
     code_dim: int = Field(16, ge=1, description="D: 1x1 projection size in front of the quantizer")
+    # "group" stays the default so that checkpoints written before this option existed load as
+    # what they are; new models should use "channel" (training/configs/default.yaml does)
     norm: Literal["channel", "group"] = Field(
-        "channel",
+        "group",
         description="channel: per-pixel LayerNorm over channels (independent of the image size); "
         "group: GroupNorm(gcd(32, C)) as in VQGAN, whose statistics span the whole image",
     )
@@ -152,7 +154,7 @@ def _norm(channels: int, kind: str) -> nn.Module:
 class ResBlock(nn.Module):
     """x + conv(SiLU(N(conv(SiLU(N(x)))))), N the configured norm; 1x1 skip if the width changes."""
 
-    def __init__(self, c_in: int, c_out: int, norm: str = "channel") -> None:
+    def __init__(self, c_in: int, c_out: int, norm: str = "group") -> None:
         super().__init__()
         self.norm1 = _norm(c_in, norm)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
