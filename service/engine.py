@@ -140,13 +140,7 @@ class Engine:
     # -- validation ------------------------------------------------------------------------------
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         f = self.info.downsample
-        if not isinstance(images, np.ndarray):
-            raise InputError(
-                f"images must be a numpy array, got {type(images).__name__}",
-                field="images",
-                limit="numpy.ndarray",
-                value=type(images).__name__,
-            )
+        _require_ndarray(images, "images")
         if images.dtype != np.float32:
             raise InputError(
                 f"images must be float32 in [0, 1], got dtype {images.dtype}",
@@ -189,13 +183,7 @@ class Engine:
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         k = self.info.codebook_size
-        if not isinstance(tokens, np.ndarray):
-            raise InputError(
-                f"tokens must be a numpy array, got {type(tokens).__name__}",
-                field="tokens",
-                limit="numpy.ndarray",
-                value=type(tokens).__name__,
-            )
+        _require_ndarray(tokens, "tokens")
         if tokens.dtype.kind not in "iu":
             raise InputError(
                 f"tokens must be integers, got dtype {tokens.dtype}",
@@ -274,4 +262,14 @@ def _check_providers(choice: str, requested: list[str], active: list[str]) -> No
             f"providers={choice!r}: onnxruntime fell back to {active} (the {requested[0]} "
             "libraries did not load: check CUDA/cuDNN versions and LD_LIBRARY_PATH, or use "
             "providers='cpu')"
+        )
+
+
+def _require_ndarray(value: object, field: str) -> None:
+    if not isinstance(value, np.ndarray):
+        raise InputError(
+            f"{field} must be a numpy array, got {type(value).__name__}",
+            field=field,
+            limit="numpy.ndarray",
+            value=type(value).__name__,
         )
