@@ -6,9 +6,11 @@
 Two graphs, both single ``.onnx`` files with dynamic N, H and W:
 
 - encoder: images float32 [N,3,H,W] in [0,1] -> tokens int64 [N,H/f,W/f]. The nearest-code search
-  is inside the graph, written as the library's rule: q = argmin_k (||C_k||^2 - 2 z.C_k) in fp32
-  with ONNX ArgMin's first-index tie-break (also with ``--fp16``, where only the conv stacks run
-  in half precision).
+  is inside the graph, written as the served rule (``VQVAE.encode``): q = argmin_k
+  (||C_k||^2 - 2 z.C_k) in fp64 with ONNX ArgMin's first-index tie-break (also with ``--fp16``,
+  where only the conv stacks run in half precision). fp64 because fp32 scores from two GEMM
+  kernels differ by a few ulps of |z|.|C|, enough to flip near-ties (1-6 tokens per 10^4 on a
+  channel-norm model whose features have norm ~20).
 - decoder: tokens int64 [N,h,w] -> images float32 [N,3,h*f,w*f] in [0,1] (codebook lookup inside).
 
 Exporter: torch 2.13's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with
@@ -79,8 +81,9 @@ class EncoderGraph(nn.Module):
     """images [N,3,H,W] in [0,1] -> tokens int64 [N,H/f,W/f], the argmin inside the graph.
 
     The effective codebook Ĉ = A(C) is frozen into constants (eval-mode semantics): ``Ĉ^T`` and
-    ``||Ĉ_k||^2``, so the graph is conv stack -> one GEMM -> ArgMin. Un-chunked: onnxruntime
-    streams the [N*h*w, K] score matrix through one Gemm, bounded by the batch the caller sends.
+    ``||Ĉ_k||^2`` in fp64, so the graph is conv stack -> one fp64 GEMM -> ArgMin. Un-chunked:
+    onnxruntime streams the [N*h*w, K] score matrix through one Gemm, bounded by the batch the
+    caller sends.
     """
 
     def __init__(self, model: VQVAE, fp16: bool = False) -> None:
@@ -92,6 +95,7 @@ class EncoderGraph(nn.Module):
             self.encoder.half()
         self.fp16 = fp16
         self.l2_input = model.config.quantizer.input_norm == "l2"
+        codebook = codebook.double()
         self.register_buffer("codebook_t", codebook.t().contiguous())
         self.register_buffer("code_sq", codebook.pow(2).sum(1))
 
@@ -102,7 +106,8 @@ class EncoderGraph(nn.Module):
         rows = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.l2_input:
             rows = F.normalize(rows, dim=-1)
-        # q = argmin_k ||C_k||^2 - 2 z.C_k  (fp32; ||z||^2 is the same for every k; ArgMin keeps
+        rows = rows.double()
+        # q = argmin_k ||C_k||^2 - 2 z.C_k  (fp64; ||z||^2 is the same for every k; ArgMin keeps
         # the first minimum, i.e. ties go to the smallest index, as in vqmodel.nearest_codes)
         scores = torch.addmm(self.code_sq, rows, self.codebook_t, beta=1.0, alpha=-2.0)
         return scores.argmin(1).reshape(n, h, w)
@@ -381,7 +386,7 @@ def export_model_dir(
         metrics: eval metrics (may be empty).
         card: extra top-level model.json entries (e.g. a description, licence); ``training``
             and ``metrics`` in it are merged into the records above.
-        fp16: conv stacks in half precision (for GPUs); distances and argmin stay fp32. Token
+        fp16: conv stacks in half precision (for GPUs); distances and argmin stay fp64. Token
             agreement with fp32 torch is reported, not required.
         source: where the weights came from (a checkpoint path); kept out of the public view.
         command: the export command line, recorded under ``export``.
@@ -410,7 +415,7 @@ def export_model_dir(
         started = time.perf_counter()
         save_checkpoint(tmp, model, metadata={"training": training, "source": source})
         s = cfg.image_size
-        say(f"[1/4] exporting encoder ({'fp16 convs, ' if fp16 else ''}fp32 argmin) ...")
+        say(f"[1/4] exporting encoder ({'fp16 convs, ' if fp16 else ''}fp64 argmin) ...")
         export_graph(
             EncoderGraph(model, fp16),
             torch.rand(2, 3, s, s),
@@ -572,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--card", help="JSON object merged into model.json (training, metrics...)")
     parser.add_argument("--metrics", help="JSON object of eval metrics (e.g. vqtok-eval output)")
     parser.add_argument(
-        "--fp16", action="store_true", help="half-precision conv stacks (GPU); argmin stays fp32"
+        "--fp16", action="store_true", help="half-precision conv stacks (GPU); argmin stays fp64"
     )
     parser.add_argument("--triton", help="also write a Triton model repository into this folder")
     parser.add_argument("--triton-max-batch", type=int, default=32)

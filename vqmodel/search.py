@@ -7,7 +7,10 @@ import torch
 
 @torch.no_grad()
 def nearest_codes(
-    z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 1024
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    chunk_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest code for every row of ``z`` and its squared distance.
 
@@ -16,24 +19,29 @@ def nearest_codes(
     chunks so at most ``chunk_size x K`` distances exist at once, ties go to the smallest index
     (``argmin`` returns the first minimum).
 
+    ``dtype=torch.float64`` is the served token rule (``VQVAE.encode`` and the exported encoder):
+    the same expression, rounded so finely that two GEMM implementations (torch, onnxruntime,
+    CPU or GPU) pick the same code; in fp32 their rounding differs by a few ulps of |z|·|C|,
+    which flips near-ties when features are large (measured: 1-6 tokens per 10^4).
+
     Args:
         z: [N, D] vectors.
         codebook: [K, D] effective codebook.
         chunk_size: rows per chunk.
 
     Returns:
-        (indices int64 [N], squared distances float32 [N]).
+        (indices int64 [N], squared distances [N] in ``dtype``).
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        codebook = codebook.float()
+        z = z.to(dtype)
+        codebook = codebook.to(dtype)
         code_sq = codebook.pow(2).sum(1)
         codebook_t = codebook.t()
         n = z.shape[0]
         indices = torch.empty(n, dtype=torch.long, device=z.device)
-        best = torch.empty(n, dtype=torch.float32, device=z.device)
+        best = torch.empty(n, dtype=dtype, device=z.device)
         # one chunk-sized score buffer reused for every chunk: no per-chunk allocation/page faults
-        buffer = torch.empty(min(chunk_size, n), codebook.shape[0], device=z.device)
+        buffer = torch.empty(min(chunk_size, n), codebook.shape[0], dtype=dtype, device=z.device)
         for start in range(0, n, chunk_size):
             rows = z[start : start + chunk_size]
             scores = buffer[: rows.shape[0]]

@@ -291,11 +291,15 @@ class VQVAE(nn.Module):
         self._check_single_token_grid()
         z = self.encode_features(images)
         n, _, h, w = z.shape
-        # the quantizer's own row layout (incl. its input norm), then its nearest-code rule
+        # the quantizer's own row layout (incl. its input norm), then its nearest-code rule in
+        # fp64: the served token rule, which the exported encoder computes the same way
         rows, _ = self.quantizer._to_rows(z)
         codebook = self.quantizer.codebooks[0].effective()
         indices, _ = nearest_codes(
-            rows.reshape(-1, rows.shape[-1]), codebook, self.config.quantizer.chunk_size
+            rows.reshape(-1, rows.shape[-1]),
+            codebook,
+            self.config.quantizer.chunk_size,
+            dtype=torch.float64,
         )
         return indices.view(n, h, w)
 
