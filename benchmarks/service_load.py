@@ -14,6 +14,9 @@ exactly 256×256, like the raw measurement); decode = its 32×32 token grid (f=8
 answered with a 256×256 PNG. Each (operation, concurrency) cell runs `--seconds` after a short
 warm-up; latency is per request (p50/p95/p99), throughput is completed requests per second.
 Mean batch size per cell comes from the service's own /metrics (batch-size histogram deltas).
+CPU per request: the service process's user+system CPU over the cell (/proc/PID/stat, its
+onnxruntime threads included) and the generator processes' own CPU (time.process_time) over the
+timed window, each divided by the completed requests: where the cores went.
 
 Raw engine: the same Engine class the service uses, loaded in this process with the same thread
 settings, timed at batch 1 and at `--max-batch` (median of >= 5 calls, images/s) right before and
@@ -121,12 +124,15 @@ class RawEngine:
             data = self.inputs[operation][:batch]
             fn(data)
             times = []
+            cpu = time.process_time()
             for _ in range(max(rounds, 16 // batch)):
                 started = time.perf_counter()
                 fn(data)
                 times.append(time.perf_counter() - started)
+            cpu = time.process_time() - cpu
             rates[f"batch{batch}"] = batch / statistics.median(times)
-        rates["best"] = max(rates.values())
+            rates[f"cpu_ms_per_image_batch{batch}"] = 1000 * cpu / (batch * len(times))
+        rates["best"] = max(rates[f"batch{batch}"] for batch in (1, self.batch))
         return rates
 
 
@@ -157,14 +163,21 @@ def request_for(operation: str, payload: Any) -> tuple[str, bytes, dict[str, str
     return request.url.path, request.read(), {"content-type": request.headers["content-type"]}
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads) from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_process(
     base_url: str, request: tuple[str, bytes, dict[str, str]], clients: int,
     warm_until: float, start_at: float, seconds: float,
-) -> tuple[list[float], int]:  # fmt: skip
-    """One load-generator process: `clients` closed-loop clients, latencies of the timed window."""
+) -> tuple[list[float], int, float]:  # fmt: skip
+    """One load-generator process: `clients` closed-loop clients; latencies of the timed window,
+    errors, and this process's CPU seconds over the window."""
     path, body, headers = request
 
-    async def run() -> tuple[list[float], int]:
+    async def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []
         errors = 0
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -184,15 +197,17 @@ def client_process(
 
             await asyncio.gather(*(client_loop(warm_until, False) for _ in range(clients)))
             await asyncio.sleep(max(0.0, start_at - time.time()))
+            cpu = time.process_time()
             await asyncio.gather(*(client_loop(start_at + seconds, True) for _ in range(clients)))
-        return latencies, errors
+            cpu = time.process_time() - cpu
+        return latencies, errors, cpu
 
     return asyncio.run(run())
 
 
 def load(
     pool: ProcessPoolExecutor, base_url: str, operation: str, concurrency: int, seconds: float,
-    payload: Any,
+    payload: Any, service_pid: int,
 ) -> dict[str, Any]:  # fmt: skip
     request = request_for(operation, payload)
     processes = -(-concurrency // CLIENTS_PER_PROCESS)
@@ -205,8 +220,10 @@ def load(
     ]
     time.sleep(max(0.0, start_at - 0.2 - time.time()))
     before = httpx.get(base_url + "/metrics").text
+    service_cpu = process_cpu_seconds(service_pid)
     results = [future.result() for future in futures]
     elapsed = time.time() - start_at  # the last client finishes its last request after the window
+    service_cpu = process_cpu_seconds(service_pid) - service_cpu
     after = httpx.get(base_url + "/metrics").text
     latencies = [latency for result in results for latency in result[0]]
     (s0, c0), (s1, c1) = batch_stats(before, operation), batch_stats(after, operation)
@@ -220,6 +237,10 @@ def load(
         "p99_ms": float(q[2]),
         "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan"),
         "client_processes": processes,
+        "service_cpu_ms_per_request": 1000 * service_cpu / max(len(latencies), 1),
+        "generator_cpu_ms_per_request": 1000
+        * sum(result[2] for result in results)
+        / max(len(latencies), 1),
     }
 
 
@@ -262,8 +283,9 @@ def main() -> None:
             raw_runs[operation].append(engine.rate(operation))
             for concurrency in args.concurrency:
                 cells[operation][concurrency] = load(
-                    pool, base_url, operation, concurrency, args.seconds, payloads[operation]
-                )
+                    pool, base_url, operation, concurrency, args.seconds, payloads[operation],
+                    service.pid,
+                )  # fmt: skip
             raw_runs[operation].append(engine.rate(operation))
         pool.shutdown()
     finally:
@@ -279,20 +301,23 @@ def main() -> None:
         print(f"raw engine {op} 256×256: {raw[op]:.1f} img/s = mean of before/after sweep of the "
               f"better batch size (before: batch 1 {before['batch1']:.1f}, batch {args.max_batch} "
               f"{before[f'batch{args.max_batch}']:.1f}; after: {after['batch1']:.1f}, "
-              f"{after[f'batch{args.max_batch}']:.1f})")  # fmt: skip
+              f"{after[f'batch{args.max_batch}']:.1f}); CPU ms/img batch 1 "
+              f"{before['cpu_ms_per_image_batch1']:.0f}, batch {args.max_batch} "
+              f"{before[f'cpu_ms_per_image_batch{args.max_batch}']:.0f}")  # fmt: skip
     print()
     print(
         "| op | concurrency | req/s | × raw engine | p50 ms | p95 ms | p99 ms | mean batch "
-        "| errors |"
+        "| service CPU ms/req | generator CPU ms/req | errors |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for operation, by_concurrency in cells.items():
         for concurrency, cell in by_concurrency.items():
             ratio = cell["rps"] / raw[operation]
             print(
                 f"| {operation} | {concurrency} | {cell['rps']:.1f} | {ratio:.2f} | "
                 f"{cell['p50_ms']:.1f} | {cell['p95_ms']:.1f} | {cell['p99_ms']:.1f} | "
-                f"{cell['mean_batch']:.1f} | {cell['errors']} |"
+                f"{cell['mean_batch']:.1f} | {cell['service_cpu_ms_per_request']:.0f} | "
+                f"{cell['generator_cpu_ms_per_request']:.1f} | {cell['errors']} |"
             )
     c16 = cells["encode"].get(16)
     ratio16 = c16["rps"] / raw["encode"] if c16 else None
