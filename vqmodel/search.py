@@ -9,7 +9,7 @@ import torch
 def nearest_codes(
     z: torch.Tensor,
     codebook: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest code for every row of ``z`` and its squared distance.
@@ -37,19 +37,32 @@ def nearest_codes(
         codebook = codebook.to(dtype)
         code_sq = codebook.pow(2).sum(1)
         codebook_t = codebook.t()
-        n = z.shape[0]
+        n, k = z.shape[0], codebook.shape[0]
         indices = torch.empty(n, dtype=torch.long, device=z.device)
         best = torch.empty(n, dtype=dtype, device=z.device)
         # one chunk-sized score buffer reused for every chunk: no per-chunk allocation/page faults
-        buffer = torch.empty(min(chunk_size, n), codebook.shape[0], dtype=dtype, device=z.device)
+        buffer = torch.empty(min(chunk_size, n), k, dtype=dtype, device=z.device)
+        # K - k, exact in the score dtype (fp32 up to 2^24 codes): see the index step below
+        reversed_k = torch.arange(k, 0, -1, dtype=dtype, device=z.device)
+        exact_ranks = k <= 2 ** (24 if dtype == torch.float32 else 53)
         for start in range(0, n, chunk_size):
             rows = z[start : start + chunk_size]
+            stop = start + rows.shape[0]
             scores = buffer[: rows.shape[0]]
             # ||C_k||^2 - 2 z.C_k in one fused GEMM (no sqrt, no topk, no N x K copy)
             torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0, out=scores)
-            stop = start + rows.shape[0]
-            # plain min + slice assignment: min(out=<slices>) reduces into a temporary and
-            # copies it over (measured ~7% slower for the whole search)
-            best[start:stop], indices[start:stop] = scores.min(1)
+            if not exact_ranks:
+                best[start:stop], indices[start:stop] = scores.min(1)
+                continue
+            # argmin with ties to the smallest k, as three vectorised passes over the chunk
+            # (values-only amin, then in place: 1 where the row minimum is, times K - k, row max)
+            # instead of min(1)'s scalar value+index reduction: measured 8x faster on the
+            # reduction, the search 20% faster. amin is exact, so "== minimum" marks precisely
+            # the k that min(1) would choose among; a NaN row marks nothing and becomes index K,
+            # clamped to K - 1 below (min(1) also returns an arbitrary index for NaN rows).
+            row_min = torch.amin(scores, 1, out=best[start:stop])
+            marks = scores.eq_(row_min[:, None]).mul_(reversed_k)
+            indices[start:stop] = k - marks.amax(1).long()
+        indices.clamp_(max=k - 1)
         best += torch.einsum("nd,nd->n", z, z)  # ||z||^2 without an [N, D] temporary
         return indices, best.clamp_min_(0.0)
