@@ -248,7 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per cell")
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=4, help="the service's default")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))

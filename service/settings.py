@@ -37,7 +37,10 @@ class Settings(BaseSettings):
         ge=1,
         description="threads decoding uploads / encoding PNGs (default: one per core)",
     )
-    max_batch: int = Field(16, ge=1, description="most images in one engine call")
+    # 4, not 16: on a 2-core CPU a 256x256 batch of 16 costs more CPU per image than a batch of 4
+    # (onnxruntime: 93 vs 83 ms/img) and HTTP encode at concurrency 16 measured 0.72x vs 0.88x of
+    # the raw engine (benchmarks/service_load.py). Raise it on a GPU, where batches pay off.
+    max_batch: int = Field(4, ge=1, description="most images in one engine call")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a queued image waits for company")
     max_queue: int = Field(256, ge=1, description="most images waiting; more answers 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit")
