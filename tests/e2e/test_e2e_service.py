@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -95,12 +94,6 @@ def test_photo_round_trip_is_what_the_engine_computes(
         np.testing.assert_array_equal(result["out"], expected, err_msg=result["name"])
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("VQTOK_E2E_DEFAULT_MODEL") != "1",
-    reason="models/default at native photo size takes minutes on 2 cores; "
-    "run with VQTOK_E2E_DEFAULT_MODEL=1",
-)
 def test_default_model_round_trip_psnr_matches_the_model_card() -> None:
     card = json.loads((DEFAULT_MODEL / "model.json").read_text())
     metrics = card.get("metrics") or {}
