@@ -22,9 +22,9 @@ def e2e_model_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def server(e2e_model_dir: Path) -> Iterator[Server]:
-    running = start_server(
-        e2e_model_dir, env={"VQTOK_MAX_WAIT_MS": "5", "VQTOK_MAX_BODY_BYTES": str(8 << 20)}
-    )
+    # max batch 8 (the CPU default is 4): a request of 8 images must reach the engine as one batch
+    env = {"VQTOK_MAX_WAIT_MS": "5", "VQTOK_MAX_BODY_BYTES": str(8 << 20), "VQTOK_MAX_BATCH": "8"}
+    running = start_server(e2e_model_dir, env=env)
     try:
         yield running
     finally:
