@@ -89,13 +89,12 @@ class EncoderGraph(nn.Module):
     def __init__(self, model: VQVAE, fp16: bool = False) -> None:
         super().__init__()
         model._check_single_token_grid()
-        codebook = model.quantizer.codebooks[0].effective().detach().float().clone()
+        codebook = model.quantizer.codebooks[0].effective().detach().double()
         self.encoder = copy.deepcopy(model.encoder).eval()
         if fp16:
             self.encoder.half()
         self.fp16 = fp16
         self.l2_input = model.config.quantizer.input_norm == "l2"
-        codebook = codebook.double()
         self.register_buffer("codebook_t", codebook.t().contiguous())
         self.register_buffer("code_sq", codebook.pow(2).sum(1))
 
