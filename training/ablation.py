@@ -73,14 +73,33 @@ def load_ablation(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def row_config(
-    spec: dict[str, Any], row_id: str, out_dir: Path, steps: int | None = None
+    spec: dict[str, Any],
+    row_id: str,
+    out_dir: Path,
+    steps: int | None = None,
+    seed: int | None = None,
 ) -> TrainConfig:
-    """``base`` + the row's overrides (+ ``steps`` and ``out_dir``), validated."""
+    """``base`` + the row's overrides (+ ``steps``), validated, training in ``<out_dir>/<row>``.
+
+    With ``seed`` both the model seed and the data seed (patch bank and batch order) are set to
+    it: an independent repetition, trained in ``<out_dir>/<row>-seed<seed>``, unless those seeds
+    are the row's own, in which case it is the plain row (same config, same directory).
+    """
+    plain = _resolve(spec, row_id, steps, {"out_dir": str(out_dir / row_id)})
+    if seed is None or (plain.seed, plain.data.seed) == (seed, seed):
+        return plain
+    extra = {"seed": seed, "data.seed": seed, "out_dir": str(out_dir / f"{row_id}-seed{seed}")}
+    return _resolve(spec, row_id, steps, extra)
+
+
+def _resolve(
+    spec: dict[str, Any], row_id: str, steps: int | None, extra: dict[str, Any]
+) -> TrainConfig:
     data = copy.deepcopy(spec["base"])
     overrides = dict(spec["rows"][row_id].get("overrides") or {})
     if steps is not None:
         overrides["steps"] = steps
-    overrides["out_dir"] = str(out_dir / row_id)
+    overrides.update(extra)
     for key, value in overrides.items():
         apply_override(data, f"{key}={json.dumps(value)}")
     return validate_config(data, f"ablation row {row_id!r}")
@@ -194,10 +213,15 @@ def run_ablation(
     *,
     steps: int | None = None,
     rows: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or finish) the ablation; returns the results dict also written to results.json."""
+    """Run (or finish) the ablation; returns the results dict also written to results.json.
+
+    ``seeds`` repeats every selected row once per seed (see :func:`row_config`); results are
+    keyed by run directory name: ``<row>`` for the row's own seed, ``<row>-seed<N>`` otherwise.
+    """
     spec = load_ablation(config_path)
     out = Path(out_dir)
     all_rows = list(spec["rows"])
@@ -207,7 +231,11 @@ def run_ablation(
         raise ConfigError(f"--rows: unknown row(s) {unknown}; the config has {all_rows}")
     eval_spec = {"data": "pip-photos", "limit": None, **(spec.get("eval") or {})}
     # validate every row before training any: a typo in the last row fails now, not in an hour
-    configs = {r: row_config(spec, r, out, steps) for r in selected}
+    runs: dict[str, tuple[str, TrainConfig]] = {}
+    for row_id in selected:
+        for seed in seeds or [None]:
+            config = row_config(spec, row_id, out, steps, seed)
+            runs[Path(config.out_dir).name] = (row_id, config)
 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
@@ -222,18 +250,20 @@ def run_ablation(
         }
     )
     eval_images: tuple[list[str], list[Any]] | None = None
-    for row_id, config in configs.items():
+    for run_id, (row_id, config) in runs.items():
         key = fingerprint(config, eval_spec)
-        done = results["rows"].get(row_id)
+        done = results["rows"].get(run_id)
         if done is not None and done.get("fingerprint") == key:
-            print(f"[{row_id}] done already (fingerprint {key}); skipping")
+            print(f"[{run_id}] done already (fingerprint {key}); skipping")
             continue
         if eval_images is None:
             eval_images = load_eval_set(eval_spec["data"], eval_spec["limit"])
-        print(f"[{row_id}] training {config.steps} steps in {config.out_dir}", flush=True)
+        print(f"[{run_id}] training {config.steps} steps in {config.out_dir}", flush=True)
         row = run_row(config, eval_images, progress=progress)
         row.update(
             {
+                "row": row_id,
+                "seed": config.seed,
                 "label": spec["rows"][row_id].get("label") or row_id,
                 "overrides": spec["rows"][row_id].get("overrides") or {},
                 "fingerprint": key,
@@ -241,11 +271,11 @@ def run_ablation(
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         )
-        results["rows"][row_id] = row
+        results["rows"][run_id] = row
         _write_json(results_path, results)
         (out / TABLE_FILE).write_text(results_table(results))
         print(
-            f"[{row_id}] MSE {row['mse']:.3e}  PSNR {row['psnr']:.2f}  usage {row['usage']:.1%}  "
+            f"[{run_id}] MSE {row['mse']:.3e}  PSNR {row['psnr']:.2f}  usage {row['usage']:.1%}  "
             f"perplexity {row['perplexity']:.1f}  {row['sec_per_step']:.3f} s/step",
             flush=True,
         )
@@ -261,13 +291,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def target_checks(
-    rows: dict[str, dict[str, Any]], window: bool = False
-) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for the issue's targets, where the rows they need exist; on the
-    native-size evaluation, or with ``window`` on the last training log window."""
+def target_checks(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for the issue's targets, where the rows they need exist, given each
+    row's metrics (``mse``, ``usage``, ``perplexity``)."""
     checks = []
-    metrics = {r: _metrics(row, window) for r, row in rows.items()}
     base, full, strong = (metrics.get(r) for r in ("baseline", "full", "strong"))
     if base and full:
         ppl = _ratio(full["perplexity"], base["perplexity"])
@@ -280,20 +307,22 @@ def target_checks(
         mse = _ratio(full["mse"], strong["mse"])
         if mse is not None:
             checks.append(("full MSE < strong baseline MSE", f"{mse:.3f}×", mse < 1))
-        checks.append(
-            (
-                "full usage > strong baseline usage",
-                f"{full['usage']:.1%} vs {strong['usage']:.1%}",
-                full["usage"] > strong["usage"],
+        if full["usage"] is not None and strong["usage"] is not None:
+            checks.append(
+                (
+                    "full usage > strong baseline usage",
+                    f"{full['usage']:.1%} vs {strong['usage']:.1%}",
+                    full["usage"] > strong["usage"],
+                )
             )
-        )
-        checks.append(
-            (
-                "full perplexity > strong baseline perplexity",
-                f"{full['perplexity']:.1f} vs {strong['perplexity']:.1f}",
-                full["perplexity"] > strong["perplexity"],
+        if full["perplexity"] is not None and strong["perplexity"] is not None:
+            checks.append(
+                (
+                    "full perplexity > strong baseline perplexity",
+                    f"{full['perplexity']:.1f} vs {strong['perplexity']:.1f}",
+                    full["perplexity"] > strong["perplexity"],
+                )
             )
-        )
     return checks
 
 
@@ -314,13 +343,26 @@ def _num(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _row_of(run_id: str, run: dict[str, Any]) -> str:
+    return run.get("row", run_id)  # results written before --seeds: the key is the row id
+
+
+def _seed_of(run: dict[str, Any]) -> int:
+    return int(run.get("seed", (run.get("config") or {}).get("seed", 0)))
+
+
+def _ordered(results: dict[str, Any], ids: Sequence[str]) -> list[str]:
+    order = results.get("order", [])
+    return [r for r in order if r in ids] + [r for r in ids if r not in order]
+
+
 def results_table(results: dict[str, Any]) -> str:
     """Markdown: the native-size evaluation and the last training window, one line per finished
-    row (config order) with ratios to the baseline, then the targets on each."""
-    rows = results["rows"]
-    order = [r for r in results.get("order", []) if r in rows] + [
-        r for r in rows if r not in results.get("order", [])
-    ]
+    row (config order, the row's own seed) with ratios to the baseline, then the targets on each;
+    where a row ran with several seeds, the same over the seeds' means and the paired wins."""
+    runs = results["rows"]
+    rows = {k: run for k, run in runs.items() if _row_of(k, run) == k}
+    order = _ordered(results, list(rows))
     out: list[str] = []
     for window in (False, True):
         metrics = {r: _metrics(rows[r], window) for r in order}
@@ -359,12 +401,86 @@ def results_table(results: dict[str, Any]) -> str:
                 cells.append(_num(r["sec_per_step"], ".3f"))
             cells += [_num(mse_ratio, ".2f") + "×", _num(ppl_ratio, ".1f") + "×"]
             out.append("| " + " | ".join(c.replace("–×", "–") for c in cells) + " |")
-        checks = target_checks(rows, window)
+        checks = target_checks(metrics)
         if checks:
             where = "training window" if window else "native-size evaluation"
             out += ["", f"| target ({where}) | measured | met |", "|---|---|---|"]
             out += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in checks]
+    out += _seeds_section(results)
     return "\n".join(out) + "\n"
+
+
+def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
+
+
+def _seeds_section(results: dict[str, Any]) -> list[str]:
+    """Rows with runs of several seeds: mean ± sample sd per metric, the targets on the means,
+    and full vs strong baseline seed by seed (same seed = same data and initial weights)."""
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for run_id, run in results["rows"].items():
+        groups.setdefault(_row_of(run_id, run), {})[_seed_of(run)] = run
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    order = _ordered(results, list(groups))
+    means: dict[bool, dict[str, dict[str, Any]]] = {False: {}, True: {}}
+    out = [
+        "",
+        "Across seeds (seed N sets the model and data seeds: other initial weights, patch bank "
+        "and batch order); mean ± sample standard deviation:",
+        "",
+        "| row | seeds | MSE | PSNR (dB) | usage | perplexity | window MSE | window usage "
+        "| window perplexity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row_id in order:
+        runs = [groups[row_id][s] for s in sorted(groups[row_id])]
+        cells = [runs[0]["label"], ",".join(str(s) for s in sorted(groups[row_id]))]
+        for window in (False, True):
+            stats = {
+                k: _mean_sd([_metrics(run, window)[k] for run in runs])
+                for k in ("mse", "psnr", "usage", "perplexity")
+            }
+            means[window][row_id] = {k: mean for k, (mean, _) in stats.items()}
+            shown = (
+                ("mse", "psnr", "usage", "perplexity")
+                if not window
+                else ("mse", "usage", "perplexity")
+            )
+            spec = {"mse": ".3e", "psnr": ".2f", "usage": ".1%", "perplexity": ".1f"}
+            for k in shown:
+                mean, sd = stats[k]
+                cells.append(_num(mean, spec[k]) + ("" if sd is None else f" ± {sd:{spec[k]}}"))
+        out.append("| " + " | ".join(cells) + " |")
+    for window in (False, True):
+        checks = [(f"{t} (means)", m, ok) for t, m, ok in target_checks(means[window])]
+        full, strong = groups.get("full", {}), groups.get("strong", {})
+        paired = sorted(set(full) & set(strong))
+        for key, better, name in (
+            ("mse", lambda a, b: a < b, "MSE lower"),
+            ("usage", lambda a, b: a > b, "usage higher"),
+        ):
+            pairs = [
+                (_metrics(full[s], window)[key], _metrics(strong[s], window)[key]) for s in paired
+            ]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if pairs:
+                wins = sum(better(a, b) for a, b in pairs)
+                checks.append(
+                    (
+                        f"full {name} than strong baseline, same seed",
+                        f"{wins} of {len(pairs)} seeds",
+                        wins == len(pairs),
+                    )
+                )
+        if checks:
+            where = "training window" if window else "native-size evaluation"
+            out += ["", f"| target across seeds ({where}) | measured | met |", "|---|---|---|"]
+            out += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in checks]
+    return out
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -378,6 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="override base steps for every row")
     parser.add_argument("--out", default="runs/ablation", help="default runs/ablation")
     parser.add_argument("--rows", help="comma-separated row ids (default: all, in file order)")
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds: every row once per seed (model and data seed), reported as "
+        "mean ± sd; the row's own seed reuses its plain run",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -392,6 +513,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = list(dict.fromkeys(int(v) for v in args.seeds.split(",") if v.strip()))
+        except ValueError:
+            raise SystemExit(
+                f"--seeds must be comma-separated integers, got {args.seeds!r}"
+            ) from None
+        if not seeds or min(seeds) < 0:
+            raise SystemExit(f"--seeds must be comma-separated integers >= 0, got {args.seeds!r}")
     command = shlex.join(["vqtok-ablation", *(sys.argv[1:] if argv is None else argv)])
     try:
         results = run_ablation(
@@ -399,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             steps=args.steps,
             rows=rows,
+            seeds=seeds,
             progress=not args.no_progress,
             command=command,
         )

@@ -114,6 +114,37 @@ def test_two_rows_write_table_and_json_then_rerun_skips_them(
     assert json.loads((out / "results.json").read_text())["rows"]["baseline"]["steps"] == 2
 
 
+def test_seeds_repeat_rows_reuse_the_plain_run_and_report_means(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    calls = counting_train(monkeypatch)
+    argv = ["--config", str(config_file), "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main([*argv, "--rows", "full"]) == 0  # the plain row first: seed 0
+    assert main([*argv, "--rows", "full", "--seeds", "0,2"]) == 0
+    assert calls == [3, 3]  # seed 0 is the plain run: only seed 2 trained
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["full", "full-seed2"]
+    seeded = results["rows"]["full-seed2"]
+    assert (seeded["row"], seeded["seed"]) == ("full", 2)
+    assert (seeded["config"]["seed"], seeded["config"]["data"]["seed"]) == (2, 2)
+    assert Path(seeded["checkpoint"]).parent.parent == out / "full-seed2"
+    # another seed is another experiment: other patches and initial weights, other numbers
+    assert seeded["mse"] != results["rows"]["full"]["mse"]
+    table = (out / "table.md").read_text()
+    plain_part, seeds_part = table.split("Across seeds")
+    assert "| full | 0,2 |" in seeds_part
+    mean = (seeded["mse"] + results["rows"]["full"]["mse"]) / 2
+    assert f"{mean:.3e} ± " in seeds_part
+    assert plain_part.count("| full |") == 2  # the per-seed table and the window table
+
+    assert main([*argv, "--rows", "full", "--seeds", "2,0"]) == 0  # all done: nothing trains
+    assert calls == [3, 3]
+    with pytest.raises(SystemExit, match="--seeds must be comma-separated integers"):
+        main([*argv, "--seeds", "1,x"])
+
+
 def test_bad_row_or_key_fails_before_any_training(
     config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
