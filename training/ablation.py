@@ -42,6 +42,8 @@ from vqmodel import load_model
 DEFAULT_CONFIG = "training/configs/ablation.yaml"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
+# [method, reference]: the method must beat the reference on MSE and usage (the issue's targets)
+DEFAULT_PAIRS = [["full", "strong"]]
 
 
 # -- the config file -------------------------------------------------------------------------------
@@ -53,9 +55,11 @@ def load_ablation(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"cannot read ablation config {path}: {err.strerror}") from err
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with base, rows, eval")
-    unknown = sorted(set(spec) - {"base", "rows", "eval"})
+    unknown = sorted(set(spec) - {"base", "rows", "eval", "pairs"})
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; allowed: base, rows, eval")
+        raise ConfigError(
+            f"{path}: unknown top-level key(s) {unknown}; allowed: base, rows, eval, pairs"
+        )
     if not isinstance(spec.get("base"), dict):
         raise ConfigError(f"{path}: base must be a TrainConfig mapping")
     rows = spec.get("rows")
@@ -69,6 +73,16 @@ def load_ablation(path: str | os.PathLike[str]) -> dict[str, Any]:
     eval_spec = spec.get("eval") or {}
     if not isinstance(eval_spec, dict) or set(eval_spec) - {"data", "limit"}:
         raise ConfigError(f"eval: expected keys data and limit, got {eval_spec!r}")
+    if spec.get("pairs") is None:
+        spec["pairs"] = [p for p in DEFAULT_PAIRS if all(r in rows for r in p)]
+    pairs = spec["pairs"]
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(r in rows for r in p) for p in pairs
+    ):
+        raise ConfigError(
+            f"pairs: expected a list of [method row, reference row] with ids from rows "
+            f"{list(rows)}, got {pairs!r}"
+        )
     return spec
 
 
@@ -247,6 +261,7 @@ def run_ablation(
             "hardware": hardware(),
             "eval": eval_spec,
             "order": all_rows,
+            "pairs": spec["pairs"],
         }
     )
     eval_images: tuple[list[str], list[Any]] | None = None
@@ -291,11 +306,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def target_checks(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
+def target_checks(
+    metrics: dict[str, dict[str, Any]], pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS
+) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for the issue's targets, where the rows they need exist, given each
-    row's metrics (``mse``, ``usage``, ``perplexity``)."""
+    row's metrics (``mse``, ``usage``, ``perplexity``): full vs baseline, then each [method,
+    reference] pair."""
     checks = []
-    base, full, strong = (metrics.get(r) for r in ("baseline", "full", "strong"))
+    base, full = metrics.get("baseline"), metrics.get("full")
     if base and full:
         ppl = _ratio(full["perplexity"], base["perplexity"])
         mse = _ratio(full["mse"], base["mse"])
@@ -303,24 +321,27 @@ def target_checks(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bo
             checks.append(("full / baseline perplexity ≥ 20×", f"{ppl:.1f}×", ppl >= 20))
         if mse is not None:
             checks.append(("full / baseline MSE ≤ 0.6×", f"{mse:.2f}×", mse <= 0.6))
-    if full and strong:
-        mse = _ratio(full["mse"], strong["mse"])
+    for method, reference in pairs:
+        a, b = metrics.get(method), metrics.get(reference)
+        if not (a and b):
+            continue
+        mse = _ratio(a["mse"], b["mse"])
         if mse is not None:
-            checks.append(("full MSE < strong baseline MSE", f"{mse:.3f}×", mse < 1))
-        if full["usage"] is not None and strong["usage"] is not None:
+            checks.append((f"{method} MSE < {reference} MSE", f"{mse:.3f}×", mse < 1))
+        if a["usage"] is not None and b["usage"] is not None:
             checks.append(
                 (
-                    "full usage > strong baseline usage",
-                    f"{full['usage']:.1%} vs {strong['usage']:.1%}",
-                    full["usage"] > strong["usage"],
+                    f"{method} usage > {reference} usage",
+                    f"{a['usage']:.1%} vs {b['usage']:.1%}",
+                    a["usage"] > b["usage"],
                 )
             )
-        if full["perplexity"] is not None and strong["perplexity"] is not None:
+        if a["perplexity"] is not None and b["perplexity"] is not None:
             checks.append(
                 (
-                    "full perplexity > strong baseline perplexity",
-                    f"{full['perplexity']:.1f} vs {strong['perplexity']:.1f}",
-                    full["perplexity"] > strong["perplexity"],
+                    f"{method} perplexity > {reference} perplexity",
+                    f"{a['perplexity']:.1f} vs {b['perplexity']:.1f}",
+                    a["perplexity"] > b["perplexity"],
                 )
             )
     return checks
@@ -401,7 +422,7 @@ def results_table(results: dict[str, Any]) -> str:
                 cells.append(_num(r["sec_per_step"], ".3f"))
             cells += [_num(mse_ratio, ".2f") + "×", _num(ppl_ratio, ".1f") + "×"]
             out.append("| " + " | ".join(c.replace("–×", "–") for c in cells) + " |")
-        checks = target_checks(metrics)
+        checks = target_checks(metrics, results.get("pairs", DEFAULT_PAIRS))
         if checks:
             where = "training window" if window else "native-size evaluation"
             out += ["", f"| target ({where}) | measured | met |", "|---|---|---|"]
@@ -419,13 +440,14 @@ def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 def _seeds_section(results: dict[str, Any]) -> list[str]:
     """Rows with runs of several seeds: mean ± sample sd per metric, the targets on the means,
-    and full vs strong baseline seed by seed (same seed = same data and initial weights)."""
+    and each [method, reference] pair seed by seed (same seed = same data and initial weights)."""
     groups: dict[str, dict[int, dict[str, Any]]] = {}
     for run_id, run in results["rows"].items():
         groups.setdefault(_row_of(run_id, run), {})[_seed_of(run)] = run
     if all(len(g) < 2 for g in groups.values()):
         return []
     order = _ordered(results, list(groups))
+    pairs = results.get("pairs", DEFAULT_PAIRS)
     means: dict[bool, dict[str, dict[str, Any]]] = {False: {}, True: {}}
     out = [
         "",
@@ -456,26 +478,27 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
                 cells.append(_num(mean, spec[k]) + ("" if sd is None else f" ± {sd:{spec[k]}}"))
         out.append("| " + " | ".join(cells) + " |")
     for window in (False, True):
-        checks = [(f"{t} (means)", m, ok) for t, m, ok in target_checks(means[window])]
-        full, strong = groups.get("full", {}), groups.get("strong", {})
-        paired = sorted(set(full) & set(strong))
-        for key, better, name in (
-            ("mse", lambda a, b: a < b, "MSE lower"),
-            ("usage", lambda a, b: a > b, "usage higher"),
-        ):
-            pairs = [
-                (_metrics(full[s], window)[key], _metrics(strong[s], window)[key]) for s in paired
-            ]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            if pairs:
-                wins = sum(better(a, b) for a, b in pairs)
-                checks.append(
-                    (
-                        f"full {name} than strong baseline, same seed",
-                        f"{wins} of {len(pairs)} seeds",
-                        wins == len(pairs),
+        checks = [(f"{t} (means)", m, ok) for t, m, ok in target_checks(means[window], pairs)]
+        for method, reference in pairs:
+            a, b = groups.get(method, {}), groups.get(reference, {})
+            paired = sorted(set(a) & set(b))
+            for key, better, name in (
+                ("mse", lambda x, y: x < y, "MSE lower"),
+                ("usage", lambda x, y: x > y, "usage higher"),
+            ):
+                values = [
+                    (_metrics(a[s], window)[key], _metrics(b[s], window)[key]) for s in paired
+                ]
+                values = [(x, y) for x, y in values if x is not None and y is not None]
+                if values:
+                    wins = sum(better(x, y) for x, y in values)
+                    checks.append(
+                        (
+                            f"{method} {name} than {reference}, same seed",
+                            f"{wins} of {len(values)} seeds",
+                            wins == len(values),
+                        )
                     )
-                )
         if checks:
             where = "training window" if window else "native-size evaluation"
             out += ["", f"| target across seeds ({where}) | measured | met |", "|---|---|---|"]

@@ -156,6 +156,13 @@ def test_bad_row_or_key_fails_before_any_training(
     config_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"(?s)row 'full'.*model\.quantizer\.afine: unknown key"):
         run_ablation(config_file, tmp_path / "out", progress=False)
+    spec = tiny_spec(tmp_path)
+    spec["pairs"] = [["full", "strongest"]]
+    config_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        ConfigError, match=r"pairs: expected a list of \[method row, reference row\]"
+    ):
+        run_ablation(config_file, tmp_path / "out", progress=False)
     assert calls == []
 
 
@@ -170,7 +177,10 @@ def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> N
         "kmeans",
         "full",
         "strong",
+        "full_b95",
+        "strong_b95",
     ]
+    assert spec["pairs"] == [["full", "strong"], ["full_b95", "strong_b95"]]
     configs = {r: row_config(spec, r, Path("runs/x")) for r in spec["rows"]}
     base = configs["baseline"]
     q = base.model.quantizer
@@ -188,6 +198,13 @@ def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> N
     assert full.model.quantizer.sync_nu > 0 and full.model.quantizer.kmeans_init
     assert strong.mode == "standard" and strong.model.quantizer.affine == "off"
     assert strong.model.quantizer.kmeans_init and strong.model.quantizer.replace_freq > 0
+    # each pair differs only in affine, sync and alternating (the paper's techniques)
+    for method, reference in spec["pairs"]:
+        a, b = configs[method], configs[reference]
+        assert (a.mode, b.mode) == ("alternating", "standard")
+        assert a.model.quantizer.model_copy(
+            update={"affine": "off", "affine_lr": 1.0, "sync_nu": 0.0}
+        ) == b.model.quantizer.model_copy(update={"affine_lr": 1.0})
     for config in configs.values():  # same data, steps, seed, architecture
         assert (config.data, config.steps, config.seed) == (base.data, base.steps, base.seed)
         assert config.model.widths == base.model.widths
