@@ -2,6 +2,7 @@
 switched on per row; every trained model evaluated at native size with :func:`evaluate`.
 
     vqtok-ablation --config training/configs/ablation.yaml [--steps N] [--out DIR] [--rows a,b]
+                   [--seeds 0,1,2] [--set model.code_dim=64 ...]
 
 The config file holds ``base`` (a full TrainConfig mapping: the baseline row), ``rows`` (row id ->
 ``label`` and dotted-key ``overrides`` applied to ``base``, as on the vqtok-train command line),
@@ -228,6 +229,7 @@ def run_ablation(
     steps: int | None = None,
     rows: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
+    base_overrides: Sequence[str] = (),
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -235,8 +237,12 @@ def run_ablation(
 
     ``seeds`` repeats every selected row once per seed (see :func:`row_config`); results are
     keyed by run directory name: ``<row>`` for the row's own seed, ``<row>-seed<N>`` otherwise.
+    ``base_overrides`` (``dotted.key=value``) change ``base``, i.e. every row, before its own
+    overrides.
     """
     spec = load_ablation(config_path)
+    for override in base_overrides:
+        apply_override(spec["base"], override)
     out = Path(out_dir)
     all_rows = list(spec["rows"])
     selected = list(rows) if rows else all_rows
@@ -522,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated seeds: every row once per seed (model and data seed), reported as "
         "mean ± sd; the row's own seed reuses its plain run",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the base config (every row) as on the vqtok-train command line, e.g. "
+        "--set model.code_dim=64 (repeatable; a row's own overrides still apply on top)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -554,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             rows=rows,
             seeds=seeds,
+            base_overrides=args.overrides,
             progress=not args.no_progress,
             command=command,
         )

@@ -141,6 +141,14 @@ def test_seeds_repeat_rows_reuse_the_plain_run_and_report_means(
 
     assert main([*argv, "--rows", "full", "--seeds", "2,0"]) == 0  # all done: nothing trains
     assert calls == [3, 3]
+    # --set changes every row's base config: another experiment, trained again
+    assert main([*argv, "--rows", "full", "--set", "model.code_dim=8"]) == 0
+    assert calls == [3, 3, 3]
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"]["full"]["config"]["model"]["code_dim"] == 8
+    with pytest.raises(SystemExit, match=r"model\.code_dimm: unknown key"):
+        main([*argv, "--rows", "full", "--set", "model.code_dimm=8"])
+    assert calls == [3, 3, 3]
     with pytest.raises(SystemExit, match="--seeds must be comma-separated integers"):
         main([*argv, "--seeds", "1,x"])
 
