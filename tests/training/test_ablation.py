@@ -188,7 +188,7 @@ def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> N
         "full_b95",
         "strong_b95",
     ]
-    assert spec["pairs"] == [["full", "strong"], ["full_b95", "strong_b95"]]
+    assert spec["pairs"] == [["full", "strong"], ["full_b95", "strong_b95"], ["full_b95", "strong"]]
     configs = {r: row_config(spec, r, Path("runs/x")) for r in spec["rows"]}
     base = configs["baseline"]
     q = base.model.quantizer
@@ -206,12 +206,12 @@ def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> N
     assert full.model.quantizer.sync_nu > 0 and full.model.quantizer.kmeans_init
     assert strong.mode == "standard" and strong.model.quantizer.affine == "off"
     assert strong.model.quantizer.kmeans_init and strong.model.quantizer.replace_freq > 0
-    # each pair differs only in affine, sync and alternating (the paper's techniques)
-    for method, reference in spec["pairs"]:
+    # the pairs differ only in affine, sync and alternating (+ beta in the last one)
+    for (method, reference), also in zip(spec["pairs"], ({}, {}, {"beta": 0.8})):
         a, b = configs[method], configs[reference]
         assert (a.mode, b.mode) == ("alternating", "standard")
         assert a.model.quantizer.model_copy(
-            update={"affine": "off", "affine_lr": 1.0, "sync_nu": 0.0}
+            update={"affine": "off", "affine_lr": 1.0, "sync_nu": 0.0, **also}
         ) == b.model.quantizer.model_copy(update={"affine_lr": 1.0})
     for config in configs.values():  # same data, steps, seed, architecture
         assert (config.data, config.steps, config.seed) == (base.data, base.steps, base.seed)
