@@ -374,8 +374,11 @@ def _row_of(run_id: str, run: dict[str, Any]) -> str:
     return run.get("row", run_id)  # results written before --seeds: the key is the row id
 
 
-def _seed_of(run: dict[str, Any]) -> int:
-    return int(run.get("seed", (run.get("config") or {}).get("seed", 0)))
+def _seed_of(run: dict[str, Any]) -> str:
+    """The run's seeds as shown and paired: "N" when model and data seed are both N, else "N/M"."""
+    config = run.get("config") or {}
+    seed, data_seed = config.get("seed", 0), (config.get("data") or {}).get("seed", 0)
+    return str(seed) if seed == data_seed else f"{seed}/{data_seed}"
 
 
 def _ordered(results: dict[str, Any], ids: Sequence[str]) -> list[str]:
@@ -447,7 +450,7 @@ def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None
 def _seeds_section(results: dict[str, Any]) -> list[str]:
     """Rows with runs of several seeds: mean ± sample sd per metric, the targets on the means,
     and each [method, reference] pair seed by seed (same seed = same data and initial weights)."""
-    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
     for run_id, run in results["rows"].items():
         groups.setdefault(_row_of(run_id, run), {})[_seed_of(run)] = run
     if all(len(g) < 2 for g in groups.values()):
@@ -465,8 +468,9 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row_id in order:
-        runs = [groups[row_id][s] for s in sorted(groups[row_id])]
-        cells = [runs[0]["label"], ",".join(str(s) for s in sorted(groups[row_id]))]
+        seeds = sorted(groups[row_id], key=lambda s: [int(n) for n in s.split("/")])
+        runs = [groups[row_id][s] for s in seeds]
+        cells = [runs[0]["label"], ",".join(seeds)]
         for window in (False, True):
             stats = {
                 k: _mean_sd([_metrics(run, window)[k] for run in runs])
@@ -487,7 +491,7 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
         checks = [(f"{t} (means)", m, ok) for t, m, ok in target_checks(means[window], pairs)]
         for method, reference in pairs:
             a, b = groups.get(method, {}), groups.get(reference, {})
-            paired = sorted(set(a) & set(b))
+            paired = set(a) & set(b)
             for key, better, name in (
                 ("mse", lambda x, y: x < y, "MSE lower"),
                 ("usage", lambda x, y: x > y, "usage higher"),

@@ -153,6 +153,28 @@ def test_seeds_repeat_rows_reuse_the_plain_run_and_report_means(
         main([*argv, "--seeds", "1,x"])
 
 
+def test_seed_table_keeps_runs_that_share_a_model_seed_apart() -> None:
+    def run(row: str, seed: int, data_seed: int, mse: float) -> dict[str, Any]:
+        metrics = {"mse": mse, "psnr": 20.0, "ssim": 0.5, "usage": 0.5, "perplexity": 10.0}
+        return {
+            **metrics,
+            "dead_codes": 1,
+            "sec_per_step": 0.1,
+            "row": row,
+            "label": row,
+            "config": {"seed": seed, "data": {"seed": data_seed}},
+            "final_train_metrics": {"recon": mse, "usage": 1.0, "perplexity": 9.0},
+        }
+
+    # a base with data seed 5: --seeds 0 is then another experiment than the plain row
+    results = {
+        "rows": {"full": run("full", 0, 5, 1e-3), "full-seed0": run("full", 0, 0, 3e-3)},
+        "order": ["full"],
+    }
+    seeds_part = ablation.results_table(results).split("Across seeds")[1]
+    assert "| full | 0,0/5 | 2.000e-03 ± 1.414e-03 |" in seeds_part
+
+
 def test_bad_row_or_key_fails_before_any_training(
     config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
