@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.ablation import row_of, seed_label, seed_order
 from training.evaluate import _same_shape_batches, load_eval_set, pad_to_multiple
 from vqmodel import load_model
 from vqmodel.search import nearest_codes
@@ -64,19 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="an ablation's results.json")
     parser.add_argument("--rows", help="comma-separated row ids (default: all)")
     args = parser.parse_args(argv)
+    if not args.results.is_file():
+        raise SystemExit(f"{args.results}: no such file (expected an ablation's results.json)")
     results = json.loads(args.results.read_text())
     wanted = set(args.rows.split(",")) if args.rows else None
     spec = results.get("eval") or {"data": "pip-photos", "limit": None}
     _, images = load_eval_set(spec["data"], spec.get("limit"))
     per_run: dict[str, dict[str, Any]] = {}
     for run_id, run in results["rows"].items():
-        row = run.get("row", run_id)
+        row = row_of(run_id, run)
         if wanted is not None and row not in wanted:
             continue
         gap, mse_z = relative_gap(run["checkpoint"], images)
         per_run[run_id] = {
             "row": row,
-            "seed": run.get("seed", 0),
+            "seed": seed_label(run),
             "gap": gap,
             "mse": run["mse"],
             "mse_unquantized": mse_z,
@@ -89,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     order = list(dict.fromkeys(r["row"] for r in per_run.values()))
     for row in order:
-        runs = sorted((r for r in per_run.values() if r["row"] == row), key=lambda r: r["seed"])
+        runs = sorted(
+            (r for r in per_run.values() if r["row"] == row), key=lambda r: seed_order(r["seed"])
+        )
         gaps = ", ".join(f"{r['gap']:.4f}" for r in runs)
         print(
-            f"| {row} | {','.join(str(r['seed']) for r in runs)} "
+            f"| {row} | {','.join(r['seed'] for r in runs)} "
             f"| {statistics.fmean(r['gap'] for r in runs):.4f} | {gaps} "
             f"| {statistics.fmean(r['mse'] for r in runs):.3e} "
             f"| {statistics.fmean(r['mse_unquantized'] for r in runs):.3e} |"

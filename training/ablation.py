@@ -44,7 +44,7 @@ DEFAULT_CONFIG = "training/configs/ablation.yaml"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 # [method, reference]: the method must beat the reference on MSE and usage (the issue's targets)
-DEFAULT_PAIRS = [["full", "strong"]]
+DEFAULT_PAIRS = (("full", "strong"),)
 
 
 # -- the config file -------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def load_ablation(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(eval_spec, dict) or set(eval_spec) - {"data", "limit"}:
         raise ConfigError(f"eval: expected keys data and limit, got {eval_spec!r}")
     if spec.get("pairs") is None:
-        spec["pairs"] = [p for p in DEFAULT_PAIRS if all(r in rows for r in p)]
+        spec["pairs"] = [list(p) for p in DEFAULT_PAIRS if all(r in rows for r in p)]
     pairs = spec["pairs"]
     if not isinstance(pairs, list) or not all(
         isinstance(p, list) and len(p) == 2 and all(r in rows for r in p) for p in pairs
@@ -370,15 +370,20 @@ def _num(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _row_of(run_id: str, run: dict[str, Any]) -> str:
+def row_of(run_id: str, run: dict[str, Any]) -> str:
     return run.get("row", run_id)  # results written before --seeds: the key is the row id
 
 
-def _seed_of(run: dict[str, Any]) -> str:
+def seed_label(run: dict[str, Any]) -> str:
     """The run's seeds as shown and paired: "N" when model and data seed are both N, else "N/M"."""
     config = run.get("config") or {}
     seed, data_seed = config.get("seed", 0), (config.get("data") or {}).get("seed", 0)
     return str(seed) if seed == data_seed else f"{seed}/{data_seed}"
+
+
+def seed_order(label: str) -> list[int]:
+    """Sort key of :func:`seed_label`'s labels: numerically, model seed first."""
+    return [int(n) for n in label.split("/")]
 
 
 def _ordered(results: dict[str, Any], ids: Sequence[str]) -> list[str]:
@@ -391,7 +396,7 @@ def results_table(results: dict[str, Any]) -> str:
     row (config order, the row's own seed) with ratios to the baseline, then the targets on each;
     where a row ran with several seeds, the same over the seeds' means and the paired wins."""
     runs = results["rows"]
-    rows = {k: run for k, run in runs.items() if _row_of(k, run) == k}
+    rows = {k: run for k, run in runs.items() if row_of(k, run) == k}
     order = _ordered(results, list(rows))
     out: list[str] = []
     for window in (False, True):
@@ -452,7 +457,7 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
     and each [method, reference] pair seed by seed (same seed = same data and initial weights)."""
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for run_id, run in results["rows"].items():
-        groups.setdefault(_row_of(run_id, run), {})[_seed_of(run)] = run
+        groups.setdefault(row_of(run_id, run), {})[seed_label(run)] = run
     if all(len(g) < 2 for g in groups.values()):
         return []
     order = _ordered(results, list(groups))
@@ -468,7 +473,7 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row_id in order:
-        seeds = sorted(groups[row_id], key=lambda s: [int(n) for n in s.split("/")])
+        seeds = sorted(groups[row_id], key=seed_order)
         runs = [groups[row_id][s] for s in seeds]
         cells = [runs[0]["label"], ",".join(seeds)]
         for window in (False, True):
