@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.drain import CloseConnectionsWhileDraining
 from service.engine import Engine, InputError
 from service.errors import Problem, install_problem_handlers, problem_response
 from service.images import PreparedImage, ResizePolicy, decode_upload, encode_png, psnr_db
@@ -477,6 +478,7 @@ def create_app(
     known = {getattr(route, "path", "") for route in [*app.routes, *router.routes]}
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=lambda: known)
+    app.add_middleware(CloseConnectionsWhileDraining, draining=lambda: service.draining)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

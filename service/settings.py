@@ -6,12 +6,13 @@ as flags, so a flag always wins over the environment.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpu import cpu_quota
 
 Providers = Literal["auto", "cpu", "cuda", "tensorrt"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -33,13 +34,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
     image_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: cpu_quota(),
         ge=1,
-        description="threads decoding uploads / encoding PNGs (default: one per core)",
+        description="threads decoding uploads / encoding PNGs (default: the CPU quota)",
     )
-    # 4, not 16: on a 2-core CPU a 256x256 batch of 16 costs more CPU per image than a batch of 4
-    # (onnxruntime: 93 vs 83 ms/img) and HTTP encode at concurrency 16 measured 0.72x vs 0.88x of
-    # the raw engine (benchmarks/service_load.py). Raise it on a GPU, where batches pay off.
+    # small on a CPU, where a bigger batch costs more CPU per image (benchmarks/service_load.py)
     max_batch: int = Field(4, ge=1, description="most images in one engine call")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a queued image waits for company")
     max_queue: int = Field(256, ge=1, description="most images waiting; more answers 503")
@@ -47,8 +46,29 @@ class Settings(BaseSettings):
     max_pixels: int = Field(4096 * 4096, ge=1, description="pixels per uploaded image")
     max_images: int = Field(16, ge=1, description="images per encode request / decode batch")
     max_token_grid: int = Field(128 * 128, ge=1, description="h*w of one token grid")
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="decoded-memory budget of one request (pixels, model inputs, engine work), "
+        "estimated from the image headers before decoding; more answers 413",
+    )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="decoded memory all requests may hold at once; a request that does not fit "
+        "waits up to admission_wait_s, then gets 503 + Retry-After",
+    )
+    admission_wait_s: float = Field(
+        2.0, ge=0, description="how long a request waits for the in-flight memory budget"
+    )
 
     api_key: SecretStr | None = Field(None, description="when set, /v1/* needs this key")
+    pre_stop_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="SIGTERM: answer /health/ready 503 (and close every keep-alive connection "
+        "after its response) for this long before the listener closes",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: wait this long for requests")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers")
     log_level: LogLevel = "info"
@@ -65,5 +85,15 @@ class Settings(BaseSettings):
         if self.max_images > self.max_queue:
             raise ValueError(
                 f"max_images ({self.max_images}) must not exceed max_queue ({self.max_queue})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _request_fits_in_flight(self) -> Settings:
+        # a request bigger than the process-wide budget would wait forever
+        if self.max_request_bytes > self.max_inflight_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must not exceed "
+                f"max_inflight_bytes ({self.max_inflight_bytes})"
             )
         return self
