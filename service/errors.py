@@ -9,6 +9,7 @@ and Starlette's HTTP errors) into `application/problem+json`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -75,6 +76,8 @@ def problem_response(problem: Problem, instance: str | None = None) -> JSONRespo
 
 
 def _jsonable(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Infinity: echo them as "nan", "inf"
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     if isinstance(value, tuple | list):

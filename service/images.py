@@ -1,13 +1,15 @@
-"""Uploads in, model input out; model output in, PNG out.
+"""Uploads in, model input out; model output in, PNG out: the service's image policy.
 
-`decode_upload` is the service's image policy, in this order:
-1. identify the format and read the size from the header only (Pillow's `Image.open` is lazy),
-2. refuse more than `max_pixels` BEFORE any pixel is decoded (decompression bombs: 413, fast),
-3. decode, apply the EXIF orientation, flatten alpha onto white, convert to RGB,
-4. apply the resize policy: `fit` (shorter side → the model's native size, centre crop),
-   `pad` (keep the size, edge-pad right/bottom to a multiple of f) or `none` (must already be one),
-5. float32 [3, H, W] in [0, 1].
-Everything here is CPU-bound: routes call it through the thread pool, never on the event loop.
+`service.admission` opens each upload lazily (`open_image`: format and size from the header
+only) and decides every limit before a pixel is decoded; then `decode_image`, one image at a
+time:
+1. decode, apply the EXIF orientation, flatten alpha onto white, convert to RGB,
+2. apply the resize policy (`model_input_size` is its geometry): `fit` (shorter side → the
+   model's native size, centre crop), `pad` (keep the size, edge-pad right/bottom to a multiple
+   of f) or `none` (must already be one),
+3. float32 [3, H, W] in [0, 1], made only after fit/pad, so a big upload never exists as floats.
+Everything here is CPU-bound: the service calls it through the thread pool, never on the event
+loop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.errors import Problem
 
 ResizePolicy = Literal["fit", "pad", "none"]
+RESIZE_POLICIES: tuple[ResizePolicy, ...] = ("fit", "pad", "none")
+
+# Pillow keeps 1, L and P rasters at one byte per pixel, I;16 at two, every other mode at four
+# (RGB included); the decode path below holds at most one decoded raster, one converted RGBA/RGB
+# copy and, for transparent images, a white background and the composite.
+_ONE_BYTE_MODES = ("1", "L", "P")
+_TWO_BYTE_MODES = ("I;16", "I;16B", "I;16L")
 
 
 @dataclass(frozen=True)
@@ -39,17 +48,75 @@ class PreparedImage:
         return int(self.pixels.shape[1]), int(self.pixels.shape[2])
 
 
-def decode_upload(
-    data: bytes,
-    *,
-    policy: ResizePolicy,
-    native_size: int,
-    downsample: int,
-    max_pixels: int,
-    field: str = "images",
+class TooManyPixels(ValueError):
+    """Pillow refused the header itself (more than twice its own bomb limit)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        match = _BOMB_PIXELS.search(message)
+        self.pixels = int(match.group(1)) if match else None
+
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def open_image(data: bytes, *, field: str) -> Image.Image:
+    """The upload opened lazily: format, mode and size come from the header, no pixel decoded.
+
+    Raises Problem 415 for data Pillow cannot identify, TooManyPixels for headers Pillow itself
+    refuses as decompression bombs (the caller turns that into its pixel limit's 413).
+    """
+    try:
+        with warnings.catch_warnings():
+            # the admission's pixel limit replaces Pillow's warning threshold
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise TooManyPixels(str(error)) from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise Problem(
+            415,
+            "not-an-image",
+            f"{field}: not an image format this service reads "
+            f"(PNG, JPEG, WebP, GIF, BMP, TIFF, ...; got {_describe(data)})",
+            field=field,
+        ) from error
+
+
+def decode_bytes_estimate(image: Image.Image) -> int:
+    """Upper estimate of the bytes `decode_image` holds at once for this (unopened) image."""
+    width, height = image.size
+    raster = 1 if image.mode in _ONE_BYTE_MODES else 2 if image.mode in _TWO_BYTE_MODES else 4
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    # decoded raster + one 4-byte copy (EXIF rotation or the RGB conversion) + background and
+    # composite for transparency + the uint8 array and its padded copy for pad/none;
+    # 16-bit greyscale is rescaled through a float64 copy
+    per_pixel = raster + 4 + (8 if transparent else 0) + 6 + (8 if raster == 2 else 0)
+    return per_pixel * width * height
+
+
+def model_input_size(
+    size: tuple[int, int], policy: ResizePolicy, native_size: int, downsample: int
+) -> tuple[int, int] | None:
+    """(H, W) the encoder sees for an upload of `size` (H0, W0); None when `none` cannot apply.
+
+    EXIF rotation may swap H0 and W0 after decoding; every limit computed from this (pixels,
+    token grid, bytes) is the same either way.
+    """
+    height, width = size
+    if policy == "fit":
+        return native_size, native_size
+    if policy == "pad":
+        return height + -height % downsample, width + -width % downsample
+    if height % downsample or width % downsample:
+        return None
+    return height, width
+
+
+def decode_image(
+    image: Image.Image, *, policy: ResizePolicy, native_size: int, downsample: int, field: str
 ) -> PreparedImage:
-    """Decode one uploaded file under the service's image policy (module docstring)."""
-    image = _open_checked(data, max_pixels=max_pixels, field=field)
+    """Decode one admitted image under the service's image policy (module docstring)."""
     rgb = _to_rgb(image, field=field)
     original_size = (rgb.height, rgb.width)
     if policy == "fit":
@@ -57,8 +124,8 @@ def decode_upload(
     elif policy == "pad":
         array = _pad(np.asarray(rgb), downsample)
     else:
-        if rgb.height % downsample or rgb.width % downsample:
-            raise Problem(
+        if model_input_size(original_size, "none", native_size, downsample) is None:
+            raise Problem(  # unreachable after admission unless EXIF data lies about the size
                 422,
                 "size-not-multiple",
                 f"{field}: resize=none needs both sides to be multiples of {downsample}, got "
@@ -68,54 +135,10 @@ def decode_upload(
                 value=[rgb.height, rgb.width],
             )
         array = np.asarray(rgb)
-    pixels = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
-    pixels *= np.float32(1.0 / 255.0)
+    del rgb
+    pixels = np.empty((3, *array.shape[:2]), np.float32)
+    np.multiply(array.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=pixels)
     return PreparedImage(pixels=pixels, original_size=original_size)
-
-
-_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
-
-
-def _open_checked(data: bytes, *, max_pixels: int, field: str) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            # Our own limit below replaces Pillow's warning threshold.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
-        # Pillow refuses > 2x its own limit while opening; still a 413 with the numbers.
-        match = _BOMB_PIXELS.search(str(error))
-        value = int(match.group(1)) if match else None
-        raise _too_many_pixels(field, max_pixels, value, None) from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise Problem(
-            415,
-            "not-an-image",
-            f"{field}: not an image format this service reads "
-            f"(PNG, JPEG, WebP, GIF, BMP, TIFF, ...; got {_describe(data)})",
-            field=field,
-        ) from error
-    width, height = image.size
-    if width * height > max_pixels:
-        raise _too_many_pixels(field, max_pixels, width * height, (height, width))
-    if width < 1 or height < 1:
-        raise Problem(422, "empty-image", f"{field}: image has no pixels", field=field)
-    return image
-
-
-def _too_many_pixels(
-    field: str, limit: int, value: int | None, size: tuple[int, int] | None
-) -> Problem:
-    dims = f" ({size[0]}x{size[1]}, H x W)" if size else ""
-    shown = f"{value} pixels{dims}" if value is not None else "more pixels"
-    return Problem(
-        413,
-        "too-many-pixels",
-        f"{field}: image header declares {shown}; the limit is {limit} pixels per image",
-        field=field,
-        limit=limit,
-        value=value,
-    )
 
 
 def _to_rgb(image: Image.Image, *, field: str) -> Image.Image:
@@ -129,11 +152,12 @@ def _to_rgb(image: Image.Image, *, field: str) -> Image.Image:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
-        elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        elif image.mode in _TWO_BYTE_MODES or image.mode == "I":
             # 16-bit greyscale: scale to 8 bits instead of clipping at 255.
             wide = np.asarray(image, dtype=np.float64)
             image = Image.fromarray(np.clip(wide / 257.0, 0, 255).astype(np.uint8))
-        return image.convert("RGB")
+        # convert() copies even an RGB image: skip it, a 4096² raster is 64 MiB
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise Problem(
             400,

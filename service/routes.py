@@ -1,4 +1,4 @@
-"""HTTP routes: validate, delegate to TokenizerService (service/app.py), shape the answer."""
+"""HTTP routes: validate, delegate to TokenizerService (service/tokenizer.py), shape the answer."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import base64
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import JSONResponse
 
-from service.app import TokenizerService
+from service.deps import ServiceDep
 from service.errors import PROBLEM_MEDIA_TYPE
 from service.images import ResizePolicy
 from service.schemas import DecodeBatchResponse, DecodeRequest, EncodeResponse, Health, TokenFormat
@@ -51,35 +51,18 @@ _MODEL_HEADER = {
 }
 
 
-def _service(request: Request) -> TokenizerService:
-    return request.app.state.service
-
-
 @router.get("/health/live", response_model=Health, tags=["health"])
-async def live(request: Request) -> dict[str, Any]:
+async def live(service: ServiceDep) -> dict[str, Any]:
     """The process is up (says nothing about the model)."""
-    service = _service(request)
     return {"status": "draining" if service.draining else "ok"}
 
 
 @router.get("/health/ready", response_model=Health, tags=["health"], responses=problems(503))
-async def ready(request: Request) -> Any:
+async def ready(service: ServiceDep) -> dict[str, Any]:
     """200 once the model is loaded and warm; 503 while loading or draining (SIGTERM)."""
-    service = _service(request)
-    if service.ready:
-        return {"status": "ok", "model": service.model_ref()["id"]}
-    why = "draining: shutting down" if service.draining else "loading the model"
-    return JSONResponse(
-        {
-            "type": "https://vqtok.dev/problems/not-ready",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": f"not ready: {why}",
-        },
-        status_code=503,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers={"Retry-After": str(service.settings.retry_after_s)},
-    )
+    if not service.ready:
+        raise service.not_ready()
+    return {"status": "ok", "model": service.model_ref()["id"]}
 
 
 @router.get(
@@ -88,18 +71,18 @@ async def ready(request: Request) -> Any:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     response_class=Response,
 )
-async def metrics(request: Request) -> Response:
+async def metrics(service: ServiceDep) -> Response:
     """Prometheus text format."""
-    body, content_type = _service(request).metrics.render()
+    body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
 
 
 @router.get(
     "/v1/model", tags=["model"], response_model=dict[str, Any], responses=problems(401, 503)
 )
-async def model(request: Request) -> dict[str, Any]:
+async def model(service: ServiceDep) -> dict[str, Any]:
     """The served model's card: model.json's public part (id, codebook, sizes, metrics)."""
-    return _service(request).model_card()
+    return service.model_card()
 
 
 @router.post(
@@ -109,7 +92,8 @@ async def model(request: Request) -> dict[str, Any]:
     responses=problems(400, 401, 413, 415, 422, 503),
 )
 async def encode(
-    request: Request,
+    service: ServiceDep,
+    response: Response,
     images: Annotated[list[UploadFile], File(description="one or more image files")],
     resize: Annotated[
         ResizePolicy,
@@ -121,12 +105,12 @@ async def encode(
     format: Annotated[
         TokenFormat, Form(description="json: nested lists; base64: little-endian uint16")
     ] = "json",
-) -> JSONResponse:
+) -> dict[str, Any]:
     """Images → token grids, one item per file, in upload order."""
-    service = _service(request)
     uploads = [await image.read() for image in images]
     body = await service.encode(uploads, resize, format)
-    return JSONResponse(body, headers={"X-Model-Id": body["model"]["id"]})
+    response.headers["X-Model-Id"] = body["model"]["id"]
+    return body
 
 
 @router.post(
@@ -147,19 +131,18 @@ async def encode(
         **problems(400, 401, 409, 413, 415, 422, 503),
     },
 )
-async def decode(request: Request, body: DecodeRequest) -> Response:
+async def decode(service: ServiceDep, body: DecodeRequest) -> Response:
     """Tokens → image(s)."""
-    service = _service(request)
-    pngs, sizes, single = await service.decode(body)
+    decoded = await service.decode(body)
     model = service.model_ref()
     headers = {"X-Model-Id": model["id"]}
-    if single:
-        return Response(pngs[0], media_type="image/png", headers=headers)
+    if decoded.single:
+        return Response(decoded.pngs[0], media_type="image/png", headers=headers)
     answer = DecodeBatchResponse(
         model=model,
         items=[
             {"png_b64": base64.b64encode(png).decode(), "size": list(size)}
-            for png, size in zip(pngs, sizes)
+            for png, size in zip(decoded.pngs, decoded.sizes)
         ],
     )
     return JSONResponse(answer.model_dump(), headers=headers)
@@ -185,12 +168,11 @@ async def decode(request: Request, body: DecodeRequest) -> Response:
     },
 )
 async def reconstruct(
-    request: Request,
+    service: ServiceDep,
     image: Annotated[UploadFile, File(description="one image file")],
     resize: Annotated[ResizePolicy, Form(description="as for /v1/encode")] = "fit",
 ) -> Response:
     """Image → tokens → image, to see what the tokenizer keeps."""
-    service = _service(request)
     result = await service.reconstruct(await image.read(), resize)
     psnr = "inf" if math.isinf(result.psnr_db) else f"{result.psnr_db:.3f}"
     headers = {"X-Model-Id": service.model_ref()["id"], "X-PSNR-dB": psnr}

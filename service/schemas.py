@@ -105,10 +105,12 @@ def tokens_to_wire(tokens: np.ndarray, fmt: TokenFormat) -> list[list[int]] | st
     return tokens.tolist()
 
 
-def tokens_from_request(
-    request: DecodeRequest, *, codebook_size: int, max_grid: int, max_images: int
-) -> tuple[np.ndarray, bool]:
-    """Validated int64 tokens [n, h, w] and whether the request was the single-grid form."""
+def tokens_from_request(request: DecodeRequest) -> tuple[np.ndarray, bool, str]:
+    """Tokens [n, h, w] as sent, whether it was the single-grid form, and the field they came in.
+
+    Only the form is checked here; limits (grid size, batch) are service.admission's, the code
+    range is the service's (it knows the codebook).
+    """
     if (request.tokens is None) == (request.tokens_b64 is None):
         raise Problem(
             422,
@@ -128,8 +130,7 @@ def tokens_from_request(
         field = "tokens_b64"
     single = array.ndim == 2
     batch = array[None] if single else array
-    n, h, w = batch.shape
-    if h < 1 or w < 1 or n < 1:
+    if min(batch.shape) < 1:
         raise Problem(
             422,
             "invalid-tokens",
@@ -137,39 +138,7 @@ def tokens_from_request(
             field=field,
             value=list(array.shape),
         )
-    if h * w > max_grid:
-        raise Problem(
-            413,
-            "token-grid-too-large",
-            f"{field}: token grid {h}x{w} = {h * w} tokens; the limit is {max_grid} per grid",
-            field=field,
-            limit=max_grid,
-            value=h * w,
-        )
-    if n > max_images:
-        raise Problem(
-            413,
-            "too-many-images",
-            f"{field}: batch of {n} grids; the limit is {max_images} per request",
-            field=field,
-            limit=max_images,
-            value=n,
-        )
-    low, high = int(batch.min()), int(batch.max())
-    if low < 0 or high >= codebook_size:
-        bad = low if low < 0 else high
-        where = [int(i) for i in np.argwhere(batch == bad)[0]]
-        where = where[1:] if single else where
-        raise Problem(
-            422,
-            "token-out-of-range",
-            f"{field}: token {bad} at index {where} is outside [0, {codebook_size}) "
-            f"for this model's codebook",
-            field=field,
-            limit=[0, codebook_size - 1],
-            value=bad,
-        )
-    return batch.astype(np.int64, copy=False), single
+    return batch.astype(np.int64, copy=False), single, field
 
 
 def _array_from_lists(tokens: list[Any]) -> np.ndarray:

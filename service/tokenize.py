@@ -10,8 +10,9 @@
 Files are sorted by relative path and shard ``i`` holds files ``[i*S, (i+1)*S)``. Each shard is
 self-describing (model id, the file names it covers, the files it could not read) and written
 atomically, so a re-run skips every shard that is complete for the same model and the same file
-list, and a crash costs at most the shard in progress. Images go through the service's own image
-policy (``service.images.decode_upload``): offline tokens equal what ``POST /v1/encode`` returns.
+list, and a crash costs at most the shard in progress. Images go through the service's own
+admission and image policy (``service.admission``, ``service.images``): offline tokens equal what
+``POST /v1/encode`` returns, and at most ``--batch-size`` decoded images exist at a time.
 
 Shard arrays (``np.load(shard)``):
 - ``tokens``: ``fit`` -> uint16 [n, h, w]; ``pad`` (sizes differ) -> uint16 [sum h*w], row-major
@@ -38,14 +39,17 @@ from typing import Any
 
 import numpy as np
 
+from service.admission import Limits, ModelGeometry, prepare_upload
 from service.engine import Engine, EngineError
 from service.errors import Problem
-from service.images import PreparedImage, decode_upload
+from service.images import PreparedImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_FILE = "manifest.json"
 FORMAT = "vqtok-tokens"
 FORMAT_VERSION = 1
+# 128 x 128 tokens = 1024 x 1024 pixels at f = 8: ~0.6 GiB of onnxruntime working memory
+MAX_TOKEN_GRID = 128 * 128
 
 
 class TokenizeError(RuntimeError):
@@ -114,45 +118,40 @@ def encode_shard(
     resize: str,
     batch_size: int,
     max_pixels: int,
+    max_token_grid: int = MAX_TOKEN_GRID,
     progress: Any = None,
 ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """Decode and encode ``names``; returns (shard arrays, [(unreadable name, why)])."""
-    prepared: dict[str, PreparedImage] = {}
-    unreadable: list[tuple[str, str]] = []
-    info = engine.info
-    for name in names:
-        try:
-            data = (root / name).read_bytes()
-            prepared[name] = decode_upload(
-                data,
-                policy=resize,  # type: ignore[arg-type]
-                native_size=info.image_size,
-                downsample=info.downsample,
-                max_pixels=max_pixels,
-                field=name,
-            )
-        except Problem as err:  # the service's policy: not an image, corrupt, too many pixels
-            unreadable.append((name, err.detail))
-        except (OSError, ValueError) as err:  # unreadable file, or a decoder bug Pillow leaks
-            unreadable.append((name, f"{type(err).__name__}: {err}"))
-        else:
-            continue
-        if progress is not None:
-            progress.update(1)
+    """Decode and encode ``names``; returns (shard arrays, [(unreadable name, why)]).
 
-    # one session call per same-shape group of at most batch_size images
-    by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for name, image in prepared.items():
-        by_shape[image.image_size].append(name)
+    At most ``batch_size`` decoded images exist at a time, whatever the shard size or the photo
+    sizes: memory is bounded by batch_size x the largest image admission lets through.
+    """
+    limits = Limits(
+        max_body_bytes=0,
+        max_pixels=max_pixels,
+        max_images=batch_size,
+        max_token_grid=max_token_grid,
+        max_request_bytes=0,
+    )
+    model = ModelGeometry.from_model_info(engine.info)
     tokens: dict[str, np.ndarray] = {}
-    for group in by_shape.values():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            batch = np.stack([prepared[name].pixels for name in chunk])
-            for name, grid in zip(chunk, engine.encode(batch)):
+    sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # original, image size
+    unreadable: list[tuple[str, str]] = []
+    for start in range(0, len(names), batch_size):
+        chunk = names[start : start + batch_size]
+        prepared = _prepare_chunk(root, chunk, resize, model, limits, unreadable, progress)
+        # one engine call per same-shape group; the pixels are dropped after the chunk
+        by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for name, image in prepared.items():
+            by_shape[image.image_size].append(name)
+            sizes[name] = (image.original_size, image.image_size)
+        for group in by_shape.values():
+            batch = np.stack([prepared[name].pixels for name in group])
+            for name, grid in zip(group, engine.encode(batch)):
                 tokens[name] = grid.astype(np.uint16)
-            if progress is not None:
-                progress.update(len(chunk))
+        if progress is not None:
+            progress.update(len(prepared))
+        del prepared
 
     done = [name for name in names if name in tokens]  # file order inside the shard
     grids = [tokens[name] for name in done]
@@ -167,15 +166,45 @@ def encode_shard(
         "token_shapes": shapes,
         "offsets": offsets,
         "names": np.array(done, dtype=str),
-        "original_sizes": np.array([prepared[n].original_size for n in done], np.int32).reshape(
-            -1, 2
-        ),
-        "image_sizes": np.array([prepared[n].image_size for n in done], np.int32).reshape(-1, 2),
+        "original_sizes": np.array([sizes[n][0] for n in done], np.int32).reshape(-1, 2),
+        "image_sizes": np.array([sizes[n][1] for n in done], np.int32).reshape(-1, 2),
         "unreadable_names": np.array([n for n, _ in unreadable], dtype=str),
         "unreadable_errors": np.array([e for _, e in unreadable], dtype=str),
-        "model_id": np.array(info.id),
+        "model_id": np.array(engine.info.id),
     }
     return arrays, unreadable
+
+
+def _prepare_chunk(
+    root: Path,
+    names: list[str],
+    resize: str,
+    model: ModelGeometry,
+    limits: Limits,
+    unreadable: list[tuple[str, str]],
+    progress: Any,
+) -> dict[str, PreparedImage]:
+    """The service's admission + image policy for each file; failures go to ``unreadable``."""
+    prepared: dict[str, PreparedImage] = {}
+    for name in names:
+        try:
+            data = (root / name).read_bytes()
+            prepared[name] = prepare_upload(
+                data,
+                policy=resize,
+                model=model,
+                limits=limits,
+                field=name,  # type: ignore[arg-type]
+            )
+        except Problem as err:  # the service's policy: not an image, corrupt, over a limit
+            unreadable.append((name, err.detail))
+        except (OSError, ValueError) as err:  # unreadable file, or a decoder bug Pillow leaks
+            unreadable.append((name, f"{type(err).__name__}: {err}"))
+        else:
+            continue
+        if progress is not None:
+            progress.update(1)
+    return prepared
 
 
 def tokenize_folder(
@@ -187,6 +216,7 @@ def tokenize_folder(
     shard_size: int = 1024,
     resize: str = "fit",
     max_pixels: int = 4096 * 4096,
+    max_token_grid: int = MAX_TOKEN_GRID,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize every image under ``image_dir`` into shards in ``out``; returns the manifest."""
@@ -238,6 +268,7 @@ def tokenize_folder(
                     resize=resize,
                     batch_size=batch_size,
                     max_pixels=max_pixels,
+                    max_token_grid=max_token_grid,
                     progress=bar,
                 )
                 buffer = io.BytesIO()
@@ -303,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fit: shorter side -> native size, centre crop; pad: keep size, pad to multiple of f",
     )
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="per image")
+    parser.add_argument(
+        "--max-token-grid",
+        type=int,
+        default=MAX_TOKEN_GRID,
+        help="h*w tokens per image (bounds the engine's memory with --resize pad)",
+    )
     parser.add_argument("--providers", default="auto", help="auto | cpu | cuda | tensorrt")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -317,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard_size=args.shard_size,
             resize=args.resize,
             max_pixels=args.max_pixels,
+            max_token_grid=args.max_token_grid,
             show_progress=not args.quiet,
         )
     except (EngineError, TokenizeError) as err:

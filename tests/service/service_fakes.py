@@ -17,7 +17,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.admission import Limits, ModelGeometry, prepare_upload
 from service.app import create_app
+from service.images import PreparedImage
 from service.settings import Settings
 
 
@@ -95,3 +97,25 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
 def make_client(engine: FakeEngine, **overrides: object) -> TestClient:
     settings = Settings(model_dir="unused", **overrides)
     return TestClient(create_app(settings, engine=engine), raise_server_exceptions=False)
+
+
+def decode_upload(
+    data: bytes,
+    *,
+    policy: str,
+    native_size: int,
+    downsample: int,
+    max_pixels: int,
+    max_token_grid: int = 10**9,
+    field: str = "images",
+) -> PreparedImage:
+    """The service's admission + image policy for one upload (service.admission)."""
+    limits = Limits(
+        max_body_bytes=0,
+        max_pixels=max_pixels,
+        max_images=1,
+        max_token_grid=max_token_grid,
+        max_request_bytes=0,
+    )
+    model = ModelGeometry(native_size, downsample, engine_bytes_per_pixel=0)
+    return prepare_upload(data, policy=policy, model=model, limits=limits, field=field)  # type: ignore[arg-type]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from service_fakes import decode_upload
 
 from service.engine import Engine
-from service.images import decode_upload
 from service.tokenize import main, tokenize_folder
 
 
