@@ -143,8 +143,10 @@ def read_verified(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -
     """
     model_dir = Path(model_dir)
     contents: dict[str, bytes] = {}
+    if not isinstance(manifest["files"], dict):
+        raise ModelDirError(f"{model_dir / MODEL_FILE}: `files` must map file names to sha256")
     for name, expected in manifest["files"].items():
-        path = model_dir / name
+        path = _inside(model_dir, name)
         try:
             data = path.read_bytes()
         except FileNotFoundError as err:
@@ -160,6 +162,20 @@ def read_verified(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -
         if name not in contents:
             raise ModelDirError(f"{model_dir / MODEL_FILE} does not list {name}")
     return contents
+
+
+def _inside(model_dir: Path, name: object) -> Path:
+    # model.json is data from wherever the model came from: a name like "../../etc/passwd" or
+    # an absolute path must not make the service read (and hash) files outside the folder
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ModelDirError(
+            f"{model_dir / MODEL_FILE}: file name {name!r} must be a plain name inside the "
+            "model folder (no directories, no '..')"
+        )
+    path = model_dir / name
+    if path.resolve().parent != model_dir.resolve():  # a symlink pointing out of the folder
+        raise ModelDirError(f"{path} points outside the model folder {model_dir}")
+    return path
 
 
 def public_view(manifest: dict[str, Any]) -> dict[str, Any]:
