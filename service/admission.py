@@ -12,7 +12,7 @@ One module answers "may this request run, and what will it cost?":
 
 A request's cost counts what it holds while it runs: the largest decoded raster (uploads are
 decoded one at a time), every model input (float32), and the engine's working memory for its
-largest image (measured per model pixel: `python benchmarks/abuse.py engine-memory`).
+largest image (measured per model pixel: `python -m benchmarks.abuse engine-memory`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from service.images import (
 )
 
 # Engine working memory per model pixel is proportional to the encoder/decoder width at full
-# resolution: onnxruntime peaked at 570 (encode) and 671 (decode) bytes per pixel for the default
-# model (base_channels 32) at 256-1024 px, `python benchmarks/abuse.py engine-memory`.
+# resolution: onnxruntime peaked at 569 (encode) and 665 (decode) bytes per pixel for the default
+# model (base_channels 32) at 256-1024 px, `python -m benchmarks.abuse engine-memory`.
 ENGINE_BYTES_PER_PIXEL_PER_CHANNEL = 22
 FLOAT_INPUT_BYTES_PER_PIXEL = 3 * 4  # float32 [3, H, W]
 # A JSON token is at most "65535," with whitespace around: generous so valid bodies always pass
@@ -143,7 +143,7 @@ def admit_image(
             limit=limits.max_token_grid,
             value=grid,
         )
-    return AdmittedImage(image, field, size, decode_bytes_estimate(image))
+    return AdmittedImage(image, field, size, decode_bytes_estimate(image, policy))
 
 
 def admit_uploads(

@@ -21,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from service.admission import RequestGate
+from service.allocator import pin_mmap_threshold
 from service.drain import CloseConnectionsWhileDraining
 from service.engine import Engine
 from service.errors import install_problem_handlers
@@ -62,6 +63,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pin_mmap_threshold()
         loaded = engine if engine is not None else await run_in_threadpool(engine_factory, settings)
         service.attach(loaded)
         log.info(

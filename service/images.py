@@ -83,7 +83,7 @@ def open_image(data: bytes, *, field: str) -> Image.Image:
         ) from error
 
 
-def decode_bytes_estimate(image: Image.Image) -> int:
+def decode_bytes_estimate(image: Image.Image, policy: ResizePolicy) -> int:
     """Upper estimate of the bytes `decode_image` holds at once for this (unopened) image."""
     width, height = image.size
     raster = 1 if image.mode in _ONE_BYTE_MODES else 2 if image.mode in _TWO_BYTE_MODES else 4
@@ -91,7 +91,8 @@ def decode_bytes_estimate(image: Image.Image) -> int:
     # decoded raster + one 4-byte copy (EXIF rotation or the RGB conversion) + background and
     # composite for transparency + the uint8 array and its padded copy for pad/none;
     # 16-bit greyscale is rescaled through a float64 copy
-    per_pixel = raster + 4 + (8 if transparent else 0) + 6 + (8 if raster == 2 else 0)
+    arrays = 0 if policy == "fit" else 6  # fit hands on a native-size crop only
+    per_pixel = raster + 4 + (8 if transparent else 0) + arrays + (8 if raster == 2 else 0)
     return per_pixel * width * height
 
 
@@ -116,35 +117,52 @@ def model_input_size(
 def decode_image(
     image: Image.Image, *, policy: ResizePolicy, native_size: int, downsample: int, field: str
 ) -> PreparedImage:
-    """Decode one admitted image under the service's image policy (module docstring)."""
-    rgb = _to_rgb(image, field=field)
-    original_size = (rgb.height, rgb.width)
-    if policy == "fit":
-        array = _fit(rgb, native_size)
-    elif policy == "pad":
-        array = _pad(np.asarray(rgb), downsample)
-    else:
-        if model_input_size(original_size, "none", native_size, downsample) is None:
-            raise Problem(  # unreachable after admission unless EXIF data lies about the size
-                422,
-                "size-not-multiple",
-                f"{field}: resize=none needs both sides to be multiples of {downsample}, got "
-                f"{rgb.height}x{rgb.width} (H x W); use resize=pad or resize=fit",
-                field=field,
-                limit=f"multiple of {downsample}",
-                value=[rgb.height, rgb.width],
-            )
-        array = np.asarray(rgb)
-    del rgb
+    """Decode one admitted image under the service's image policy (module docstring).
+
+    Consumes `image`: its decoded raster is released before returning, so a list of admitted
+    images never holds more than one raster.
+    """
+    try:
+        rgb = _to_rgb(image, field=field)
+        if rgb is not image:
+            image.close()  # the converted copy is all that is needed from here on
+        try:
+            original_size = (rgb.height, rgb.width)
+            array = _apply_policy(rgb, policy, native_size, downsample, field)
+        finally:
+            rgb.close()
+    finally:
+        image.close()
     pixels = np.empty((3, *array.shape[:2]), np.float32)
     np.multiply(array.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=pixels)
     return PreparedImage(pixels=pixels, original_size=original_size)
 
 
+def _apply_policy(
+    rgb: Image.Image, policy: ResizePolicy, native_size: int, downsample: int, field: str
+) -> np.ndarray:
+    """uint8 [H, W, 3] the encoder will see (a copy: `rgb` may be closed afterwards)."""
+    if policy == "fit":
+        return _fit(rgb, native_size)
+    if policy == "pad":
+        return _pad(np.asarray(rgb), downsample)
+    if model_input_size((rgb.height, rgb.width), "none", native_size, downsample) is None:
+        raise Problem(  # unreachable after admission unless EXIF rotation changed the sides
+            422,
+            "size-not-multiple",
+            f"{field}: resize=none needs both sides to be multiples of {downsample}, got "
+            f"{rgb.height}x{rgb.width} (H x W); use resize=pad or resize=fit",
+            field=field,
+            limit=f"multiple of {downsample}",
+            value=[rgb.height, rgb.width],
+        )
+    return np.asarray(rgb)
+
+
 def _to_rgb(image: Image.Image, *, field: str) -> Image.Image:
     try:
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of an upright raster
         if image.mode in ("RGBA", "LA", "PA") or (
             image.mode == "P" and "transparency" in image.info
         ):

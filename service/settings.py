@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         "estimated from the image headers before decoding; more answers 413",
     )
     max_inflight_bytes: int = Field(
-        512 * 1024 * 1024,
+        768 * 1024 * 1024,
         ge=1024 * 1024,
         description="decoded memory all requests may hold at once; a request that does not fit "
         "waits up to admission_wait_s, then gets 503 + Retry-After",

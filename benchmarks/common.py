@@ -1,0 +1,95 @@
+"""Pieces every service benchmark needs: a real `vqtok-serve` process, free ports, RSS readings.
+
+with ServiceProcess(["--model-dir", "models/default"]) as server:
+    httpx.get(server.url + "/health/ready")
+    peak = server.peak_rss_mib()
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS) or its high-water mark (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start a new VmHWM window (Linux: writing 5 to clear_refs resets the high-water mark)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class ServiceProcess:
+    """`python -m service.cli` on a free loopback port; ready on enter, stopped on exit."""
+
+    def __init__(self, flags: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "warning", *flags,
+        ]  # fmt: skip
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServiceProcess:
+        self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"vqtok-serve exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit("vqtok-serve did not become ready in 120 s")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
