@@ -1,11 +1,17 @@
-"""`vqtok-serve`: run the tokenizer service under uvicorn.
+"""`vqtok-serve`: run the tokenizer service under uvicorn, one process per container.
 
     vqtok-serve --host 127.0.0.1 --port 8000 --model-dir models/default
 
 Every flag has a `VQTOK_*` environment twin (see service/settings.py); a flag wins over the
 environment. The model is loaded before the port opens, so a bad model directory is a clear
-message and exit status 2, not a half-started server. SIGTERM: /health/ready turns 503, the port
-closes, accepted requests finish (up to --drain-timeout-s), then the process exits.
+message and exit status 2, not a half-started server. To scale, run more replicas of this one
+process (each verifies its model and drains on its own), not more processes inside it.
+
+SIGTERM (or Ctrl+C) drains without dropping requests: /health/ready answers 503 at once and every
+response closes its connection, while the port stays open for --pre-stop-delay-s so a load
+balancer sees the 503 and stops sending; then the port closes, accepted requests finish (up to
+--drain-timeout-s) and the process exits 0. A second signal skips the rest of the delay; a third
+stops waiting for accepted requests and exits by the signal (143 / 130).
 """
 
 from __future__ import annotations
@@ -13,15 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Sequence
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app, load_engine
+from service.drain import DrainingServer, ReadBeforeClose
 from service.engine import EngineError
 from service.settings import Settings
 
@@ -41,7 +46,12 @@ FLAGS: dict[str, tuple[type, str]] = {
     "max_pixels": (int, "pixels per uploaded image"),
     "max_images": (int, "images per request"),
     "max_token_grid": (int, "h*w tokens per grid"),
-    "drain_timeout_s": (float, "on SIGTERM, wait at most this long for accepted requests"),
+    "pre_stop_delay_s": (
+        float,
+        "on SIGTERM, answer /health/ready 503 and keep serving this long before the port closes "
+        "(longer than your load balancer needs to notice)",
+    ),
+    "drain_timeout_s": (float, "then wait at most this long for accepted requests"),
     "log_level": (str, "critical | error | warning | info | debug"),
 }
 
@@ -49,32 +59,15 @@ FLAGS: dict[str, tuple[type, str]] = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vqtok-serve",
-        description="Serve a vqtok model over HTTP (API: README 'HTTP API', /docs when running).",
+        description="Serve a vqtok model over HTTP (API: README 'HTTP API', /docs when running). "
+        "One process: to scale, run more replicas behind a load balancer.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes (each loads the model; the micro-batcher batches per process)",
-    )
     for name, (kind, help_text) in FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch")
     return parser.parse_args(argv)
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, plus: the first SIGTERM/SIGINT marks the service not-ready before shutdown."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -103,8 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.workers > 1:
-        return _serve_workers(args, settings, overrides)
     try:
         engine = load_engine(settings)
     except EngineError as error:  # missing/corrupt files, provider unavailable
@@ -121,31 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         app,
         host=args.host,
         port=args.port,
+        http=ReadBeforeClose,
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         access_log=settings.log_level == "debug",
     )
-    server = DrainingServer(config, on_exit=app.state.service.begin_drain)
-    server.run()
+    server = DrainingServer(config, app.state.service.begin_drain, settings.pre_stop_delay_s)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a third Ctrl+C: uvicorn re-raised it after a cut-short drain
+        return 130
     return 0 if server.started else 3
-
-
-def _serve_workers(args: argparse.Namespace, settings: Settings, overrides: dict) -> int:
-    # Each worker process builds its app from the environment: hand the flags over that way.
-    for name, value in overrides.items():
-        os.environ["VQTOK_" + name.upper()] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-    )
-    return 0
 
 
 if __name__ == "__main__":

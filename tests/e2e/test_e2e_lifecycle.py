@@ -51,6 +51,8 @@ def slow_batching_server(e2e_model_dir: Path) -> Server:
             "VQTOK_MAX_QUEUE": "4",
             "VQTOK_MAX_IMAGES": "4",
             "VQTOK_API_KEY": "e2e-key",
+            # shorter than the queue wait: the port closes while the accepted images still wait
+            "VQTOK_PRE_STOP_DELAY_S": "0.5",
         },
     )
     yield server
@@ -113,9 +115,9 @@ def test_sigterm_under_load_answers_every_accepted_request(slow_batching_server:
     answers, late = asyncio.run(run())
     assert [a.status_code for a in answers] == [200] * len(images)
     assert all(len(a.json()["items"]) == 1 for a in answers)
-    # After SIGTERM nothing new gets in: the port is closed or the service says it is draining.
+    # After SIGTERM nothing new gets in: the service says it is draining (during the pre-stop
+    # delay), or on a slow machine the port has already closed.
     assert isinstance(late, httpx.TransportError) or late.status_code == 503
-    # uvicorn re-raises the SIGTERM after its graceful shutdown: status 0 or "killed by SIGTERM".
-    assert server.process.wait(timeout=30) in (0, -15)
+    assert server.process.wait(timeout=30) == 0  # a clean drain, not "killed by SIGTERM"
     log = server.log()
     assert "draining" in log and "Finished server process" in log

@@ -24,6 +24,17 @@ def test_environment_is_read_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> N
     assert "s3cret-key" not in repr(settings)  # the key never shows up in logs
 
 
+def test_drain_flags_and_no_workers_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--pre-stop-delay-s", "0.5", "--drain-timeout-s", "7"]
+    settings = Settings(**flag_overrides(parse_args(flags)))
+    assert (settings.pre_stop_delay_s, settings.drain_timeout_s) == (0.5, 7.0)
+    # one process per replica: several processes would skip the model check and the drain
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--workers", "4"])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --workers 4" in capsys.readouterr().err
+
+
 def test_an_empty_api_key_means_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VQTOK_API_KEY", "")
     assert Settings().api_key is None
