@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: serve test lint bench-vq train-default clean
+.PHONY: serve test lint fuzz bench-vq train-default clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: $(VENV)/.serve-installed
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# schemathesis, every phase, against a real vqtok-serve on models/default (>= 1000 cases)
+fuzz: $(VENV)/.dev-installed
+	$(BIN)/python -m benchmarks.fuzz --max-examples 100
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

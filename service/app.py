@@ -98,6 +98,27 @@ def create_app(
     return app
 
 
+def _state_upload_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    # FastAPI describes `list[UploadFile]` as any array of strings; the server wants 1..max_images
+    # non-empty files (an empty file is not an image: 415), so the document says so
+    binary = {"type": "string", "format": "binary", "minLength": 1}
+    for body, field, many in (
+        ("Body_encode_v1_encode_post", "images", True),
+        ("Body_reconstruct_v1_reconstruct_post", "image", False),
+    ):
+        prop = schemas.get(body, {}).get("properties", {}).get(field)
+        if prop is None:
+            continue
+        description = prop.get("description")
+        prop.clear()
+        if many:
+            prop.update(type="array", items=binary, minItems=1, maxItems=settings.max_images)
+        else:
+            prop.update(binary)
+        if description:
+            prop["description"] = description
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -117,6 +138,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     for name, definition in extra.get("$defs", {}).items():
         components.setdefault("schemas", {}).setdefault(name, definition)
+    _state_upload_limits(components["schemas"], app.state.settings)
     if app.state.settings.api_key is not None:
         components["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer"},

@@ -19,11 +19,27 @@ from service.errors import Problem
 
 TokenFormat = Literal["json", "base64"]
 
-_INT_GRID = {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
+_TOKEN = {"type": "integer", "minimum": 0}
+_ROW = {"type": "array", "items": _TOKEN, "minItems": 1}
+_INT_GRID = {"type": "array", "items": _ROW, "minItems": 1}
 _TOKENS_SCHEMA = {
     "description": "one token grid [h][w] (answer: image/png) or a batch [n][h][w] "
     "(answer: JSON with base64 PNGs); integers in [0, codebook_size)",
-    "anyOf": [_INT_GRID, {"type": "array", "items": _INT_GRID}],
+    "anyOf": [_INT_GRID, {"type": "array", "items": _INT_GRID, "minItems": 1}],
+}
+
+
+def _given(name: str) -> dict[str, Any]:
+    """JSON schema: `name` is present and not null (null means absent to the server)."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+# exactly one of the two token forms, and `shape` only with `tokens_b64`
+_ONE_TOKEN_FORM = {
+    "oneOf": [
+        {"allOf": [_given("tokens"), {"not": _given("tokens_b64")}, {"not": _given("shape")}]},
+        {"allOf": [_given("tokens_b64"), _given("shape"), {"not": _given("tokens")}]},
+    ]
 }
 
 
@@ -53,13 +69,23 @@ class EncodeResponse(BaseModel):
 class DecodeRequest(BaseModel):
     """Tokens to turn back into pixels: `tokens`, or `tokens_b64` with `shape`."""
 
-    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
+    model_config = ConfigDict(
+        protected_namespaces=(), extra="forbid", json_schema_extra=_ONE_TOKEN_FORM
+    )
 
     tokens: list[Any] | None = Field(None, json_schema_extra=_TOKENS_SCHEMA)
     tokens_b64: str | None = Field(
         None, description="base64 of little-endian uint16 tokens, row-major; needs `shape`"
     )
-    shape: list[int] | None = Field(None, description="[h, w] or [n, h, w] of tokens_b64")
+    shape: list[int] | None = Field(
+        None,
+        description="[h, w] or [n, h, w] of tokens_b64",
+        json_schema_extra={
+            "minItems": 2,
+            "maxItems": 3,
+            "items": {"type": "integer", "minimum": 1},
+        },
+    )
     model_id: str | None = Field(
         None, description="the id the tokens were made with; a different served model answers 409"
     )
