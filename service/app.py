@@ -106,7 +106,12 @@ def _state_upload_limits(schemas: dict[str, Any], settings: Settings) -> None:
         ("Body_encode_v1_encode_post", "images", True),
         ("Body_reconstruct_v1_reconstruct_post", "image", False),
     ):
-        prop = schemas.get(body, {}).get("properties", {}).get(field)
+        properties = schemas.get(body, {}).get("properties", {})
+        for option in ("resize", "format"):
+            # an empty form value means "not given" to FastAPI: the default applies
+            if "enum" in properties.get(option, {}):
+                properties[option]["enum"] = [*properties[option]["enum"], ""]
+        prop = properties.get(field)
         if prop is None:
             continue
         description = prop.get("description")

@@ -52,9 +52,11 @@ def test_plain_up_starts_only_the_cpu_service_on_8000() -> None:
 @pytest.mark.parametrize("name", ["vqtok", "vqtok-gpu"])
 def test_serving_containers_outlive_the_drain_and_run_read_only(name: str) -> None:
     service = _config("gpu")["services"][name]
-    drain = float(service["environment"].get("VQTOK_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    env, defaults = service["environment"], Settings()
+    drain = float(env.get("VQTOK_DRAIN_TIMEOUT_S", defaults.drain_timeout_s))
+    pre_stop = float(env.get("VQTOK_PRE_STOP_DELAY_S", defaults.pre_stop_delay_s))
     # docker stop sends SIGKILL after stop_grace_period: it must not cut the drain short.
-    assert _seconds(service["stop_grace_period"]) > drain
+    assert _seconds(service["stop_grace_period"]) > pre_stop + drain
     assert service["restart"] in {"unless-stopped", "always", "on-failure"}
     assert service["read_only"] is True
     assert any(mount.startswith("/tmp") for mount in service["tmpfs"])
