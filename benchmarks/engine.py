@@ -55,7 +55,7 @@ RUNTIMES = ("onnxruntime", "torch")
 def prepare_model_dir(model_dir: str | None, scratch: Path) -> Path:
     if model_dir is not None:
         return Path(model_dir)
-    from vqmodel.export import export_model_dir, verification_photos
+    from training.export import export_model_dir, verification_photos
 
     torch.manual_seed(0)
     model = VQVAE(ModelConfig()).eval()

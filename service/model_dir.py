@@ -9,7 +9,7 @@
       config.json           also a vqmodel checkpoint, so ``vqmodel.load_model(dir)`` fine-tunes it
       checkpoint.json
 
-The writer (``vqmodel.export``) and the readers (``service.engine``, Triton configs) share the
+The writer (``training.export``) and the readers (``service.engine``, Triton configs) share the
 constants and helpers below, so the format is written down once.
 """
 

@@ -50,8 +50,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, photo_images: list)
     encoder's outputs for the photos, so the photos use many codes (not the 2-3 a random
     codebook would give). Exported (and parity-verified) once per test session; treat it as
     read-only."""
+    from training.export import export_model_dir
     from vqmodel import VQVAE, ModelConfig, kmeans
-    from vqmodel.export import export_model_dir
 
     torch.manual_seed(0)
     config = ModelConfig(base_channels=8, image_size=64, quantizer={"num_codes": 64})

@@ -279,7 +279,7 @@ def verification_photos(sizes: Sequence[tuple[int, int]], count: int) -> dict[tu
     centre-cropped to each size."""
     from PIL import Image
 
-    from training.data import pip_photos  # the export tool's data dependency, not the library's
+    from training.data import pip_photos
 
     photos = [Image.fromarray(rgb) for _, rgb in pip_photos().images()][:count]
     if len(photos) < count:
@@ -612,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({result.parity.tokens_differing} of {result.parity.tokens_total} differ)"
             )
         if args.triton:
-            from vqmodel.triton import write_triton_repository
+            from training.triton import write_triton_repository
 
             repo = write_triton_repository(
                 result.path,

@@ -1,4 +1,4 @@
-"""vqmodel.export: parity with torch, the model directory on disk, failures and re-runs, the CLI."""
+"""training.export: parity with torch, the model directory, failures and re-runs, the CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from service.engine import Engine
-from vqmodel import load_model, save_checkpoint
-from vqmodel.export import (
+from training.export import (
     ExportError,
     ParityCase,
     compare_to_torch,
@@ -22,6 +21,7 @@ from vqmodel.export import (
     verification_photos,
     verification_sizes,
 )
+from vqmodel import load_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_mismatch_names_count_and_tie_status(
 
 
 def test_near_ties_are_called_near_ties() -> None:
-    from vqmodel.export import ParityReport
+    from training.export import ParityReport
 
     report = ParityReport([ParityCase(1, 64, 96, 96, 2, 0.0, near_tie_gap=3e-7)])
     (message,) = report.failures()
@@ -110,7 +110,7 @@ def fast_export(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
         name = "encoder.onnx" if example.dtype.is_floating_point else "decoder.onnx"
         shutil.copyfile(tiny_model_dir / name, path)
 
-    monkeypatch.setattr("vqmodel.export.export_graph", copy_graph)
+    monkeypatch.setattr("training.export.export_graph", copy_graph)
 
 
 def test_rerun_replaces_the_directory(
