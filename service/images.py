@@ -143,9 +143,9 @@ def _apply_policy(
 ) -> np.ndarray:
     """uint8 [H, W, 3] the encoder will see (a copy: `rgb` may be closed afterwards)."""
     if policy == "fit":
-        return _fit(rgb, native_size)
+        return fit_crop(rgb, native_size)
     if policy == "pad":
-        return _pad(np.asarray(rgb), downsample)
+        return pad_to_multiple(np.asarray(rgb), downsample)
     if model_input_size((rgb.height, rgb.width), "none", native_size, downsample) is None:
         raise Problem(  # unreachable after admission unless EXIF rotation changed the sides
             422,
@@ -185,7 +185,8 @@ def _to_rgb(image: Image.Image, *, field: str) -> Image.Image:
         ) from error
 
 
-def _fit(image: Image.Image, size: int) -> np.ndarray:
+def fit_crop(image: Image.Image, size: int) -> np.ndarray:
+    """`fit`: shorter side → `size` (bicubic), centre crop to size × size; uint8 [size, size, 3]."""
     scale = size / min(image.width, image.height)
     width = max(size, math.ceil(image.width * scale - 1e-6))
     height = max(size, math.ceil(image.height * scale - 1e-6))
@@ -195,7 +196,8 @@ def _fit(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def _pad(array: np.ndarray, multiple: int) -> np.ndarray:
+def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
+    """`pad`: edge-pad [H, W, ...] on the bottom/right to multiples of `multiple`."""
     height, width = array.shape[:2]
     pad_h, pad_w = -height % multiple, -width % multiple
     if pad_h == 0 and pad_w == 0:
@@ -221,7 +223,14 @@ def encode_png(pixels: np.ndarray, *, crop_to: tuple[int, int] | None = None) ->
     return buffer.getvalue()
 
 
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of signals in [0, 1]: 10·log10(1 / MSE); inf when the MSE is 0.
+
+    The one PSNR formula of the project (service, evaluation, training logs and plots)."""
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
 def psnr_db(reference: np.ndarray, reconstruction: np.ndarray) -> float:
     """PSNR in dB of two float arrays in [0, 1]; inf when identical."""
-    mse = float(np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    diff = reference.astype(np.float64) - reconstruction.astype(np.float64)
+    return psnr_from_mse(float(np.mean(diff**2)))
