@@ -31,7 +31,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 from service.admission import Limits, ModelGeometry, prepare_upload
 from service.engine import Engine, EngineError
 from service.errors import Problem
+from service.files import write_bytes_atomic
 from service.images import PreparedImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -69,20 +69,6 @@ def list_images(root: Path) -> list[str]:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finished(path: Path, model_id: str, names: list[str]) -> dict[str, Any] | None:
@@ -273,7 +259,7 @@ def tokenize_folder(
                 )
                 buffer = io.BytesIO()
                 np.savez(buffer, **arrays)
-                _write_atomic(path, buffer.getvalue())
+                write_bytes_atomic(path, buffer.getvalue())
                 record = _record(
                     path.name, arrays["names"].tolist(), [n for n, _ in bad], [e for _, e in bad]
                 )
@@ -298,7 +284,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     records = manifest["shards"]
     manifest["images"] = sum(r["images"] for r in records)
     manifest["unreadable"] = [item for r in records for item in r["unreadable"]]
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    write_bytes_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
 
 
 def _check_previous_run(path: Path, model_id: str, resize: str) -> None:

@@ -27,6 +27,7 @@ TRAINING_MAY_IMPORT = {
     "service.engine",
     "service.admission",
     "service.errors",
+    "service.files",
 }
 MAX_FUNCTION_LINES = 80
 
