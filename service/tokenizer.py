@@ -35,11 +35,9 @@ from service.metrics import ServiceMetrics
 from service.schemas import (
     DecodeRequest,
     TokenFormat,
-    crop_sizes,
-    tokens_from_request,
-    tokens_to_wire,
 )
 from service.settings import Settings
+from service.token_codec import check_codes, crop_sizes, tokens_from_request, tokens_to_wire
 
 log = logging.getLogger("vqtok.service")
 T = TypeVar("T")
@@ -226,7 +224,7 @@ class TokenizerService:
             )
         tokens, single, field = tokens_from_request(request)
         cost = admit_token_grids(tokens.shape, model=geometry, limits=self.limits, field=field)
-        _check_codes(tokens, int(info.codebook_size), field, single)
+        check_codes(tokens, int(info.codebook_size), field, single)
         f = geometry.downsample
         full = (tokens.shape[1] * f, tokens.shape[2] * f)
         sizes = crop_sizes(request.original_size, len(tokens), full)
@@ -259,20 +257,3 @@ class TokenizerService:
                 return Reconstruction(encode_png(output, crop_to=size), psnr, size)
 
             return await self._image_work(finish)
-
-
-def _check_codes(batch: np.ndarray, codebook_size: int, field: str, single: bool) -> None:
-    low, high = int(batch.min()), int(batch.max())
-    if low < 0 or high >= codebook_size:
-        bad = low if low < 0 else high
-        where = [int(i) for i in np.argwhere(batch == bad)[0]]
-        where = where[1:] if single else where
-        raise Problem(
-            422,
-            "token-out-of-range",
-            f"{field}: token {bad} at index {where} is outside [0, {codebook_size}) "
-            f"for this model's codebook",
-            field=field,
-            limit=[0, codebook_size - 1],
-            value=bad,
-        )
