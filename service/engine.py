@@ -6,6 +6,11 @@
 
 Every input is validated before it reaches onnxruntime (:class:`InputError` names the field, the
 limit and the value), so a bad request never turns into an opaque onnxruntime exception.
+
+The token contract: the same model, execution provider and onnxruntime version give the same
+tokens for the same pixels at any batch size, request grouping and thread count, and the same
+image for the same tokens. Both methods hand onnxruntime one image per call (N=1 always) and
+stack the results, so no kernel ever sees a batch (tests/service/test_token_contract.py).
 """
 
 from __future__ import annotations
@@ -128,14 +133,12 @@ class Engine:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """float32 [N,3,H,W] in [0,1] (H, W multiples of f) -> int64 tokens [N,H/f,W/f]."""
         images = self._check_images(images)
-        (tokens,) = self._encoder.run(None, {ENCODER_INPUT: images})
-        return tokens
+        return _one_image_per_run(self._encoder, ENCODER_INPUT, images)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Integer tokens [N,h,w] in [0,K) -> float32 images [N,3,h*f,w*f] in [0,1]."""
         tokens = self._check_tokens(tokens)
-        (images,) = self._decoder.run(None, {DECODER_INPUT: tokens})
-        return images
+        return _one_image_per_run(self._decoder, DECODER_INPUT, tokens)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_images(self, images: np.ndarray) -> np.ndarray:
@@ -209,6 +212,18 @@ class Engine:
                 value=bad,
             )
         return np.ascontiguousarray(tokens, dtype=np.int64)
+
+
+# -- inference -------------------------------------------------------------------------------------
+def _one_image_per_run(session: ort.InferenceSession, name: str, batch: np.ndarray) -> np.ndarray:
+    # The token contract: an image's output must not depend on the batch it arrives in. Kernels
+    # choose their algorithm from the whole input shape (onnxruntime's CPU ReduceMean over
+    # channels adds rows in order at N=1 but runs an SGEMM with a ones-vector at N>1; the
+    # last-bit difference flips near-tie codes), so every run sees exactly one image. The price on
+    # CPU: ~25 % more time per image for models/default, nearly all in that slower N=1 ReduceMean
+    # (benchmarks/token_contract.py, cost table).
+    outputs = [session.run(None, {name: batch[i : i + 1]})[0] for i in range(len(batch))]
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
 # -- session construction --------------------------------------------------------------------------
