@@ -13,6 +13,8 @@ from torch import nn
 from vqmodel.distributed import all_reduce_mean_
 
 _EPS = 1e-5
+# below this |scale| the affine has collapsed a dimension: inverse() does not divide by it
+_MIN_SCALE = 1e-5
 
 
 class CodebookAffine(nn.Module):
@@ -64,14 +66,26 @@ class CodebookAffine(nn.Module):
         return (codebook.view(self.groups, k // self.groups, d) * scale + bias).view(k, d)
 
     @torch.no_grad()
-    def inverse(self, effective: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Raw rows C[rows] such that A(C)[rows] == ``effective`` (used to write codes)."""
+    def inverse(
+        self, effective: torch.Tensor, rows: torch.Tensor, current: torch.Tensor
+    ) -> torch.Tensor:
+        """Raw rows C[rows] such that A(C)[rows] == ``effective`` (used to write codes).
+
+        Where the transform has collapsed a dimension (|scale| < 1e-5: a learned scale driven to
+        0, or a running scale over a constant input channel) every code maps to the bias there,
+        so no raw value reaches the target, and dividing would write inf/NaN or a huge value into
+        the codebook; those entries keep their ``current`` raw value.
+        """
         params = self.scale_and_bias()
         if params is None:
             return effective
         scale, bias = params
         group = rows // self.codes_per_group
-        return (effective - bias[group, 0]) / scale[group, 0]
+        scale, bias = scale[group, 0], bias[group, 0]
+        # C = (C_hat - b) / s, only where s can be divided by
+        usable = scale.abs() >= _MIN_SCALE
+        raw = (effective - bias) / torch.where(usable, scale, torch.ones_like(scale))
+        return torch.where(usable, raw, current)
 
     @torch.no_grad()
     def update_statistics(self, z: torch.Tensor, codebook: torch.Tensor) -> None:

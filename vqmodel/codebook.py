@@ -6,13 +6,21 @@ straight-through output live in :mod:`vqmodel.quantizer`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqmodel.affine import CodebookAffine
 from vqmodel.config import QuantizerConfig
-from vqmodel.distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, is_main_process
+from vqmodel.distributed import (
+    all_gather_rows,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    broadcast_,
+    is_main_process,
+)
 from vqmodel.kmeans import kmeans
 from vqmodel.search import nearest_codes
 
@@ -23,7 +31,13 @@ class Codebook(nn.Module):
     Training-mode side effects of :meth:`quantize` (never in eval mode or for ``train=False``):
     k-means++ init once enough vectors were seen, running-statistics update, dead-code
     replacement, usage counters. Under torch.distributed they are computed identically on every
-    rank (counts are all-reduced, new rows are drawn on rank 0 and broadcast).
+    rank (counts are all-reduced, new rows are drawn on rank 0 and broadcast), and every tensor
+    handed to a collective lives on the codebook's device (NCCL refuses CPU tensors).
+
+    Writing a code (k-means init, dead-code replacement) sets its EFFECTIVE value to the target
+    vector x: A(C)_k = x, the affine inverted. With ``codebook_norm='l2'`` the code the model uses
+    is A(C)_k / ||A(C)_k||, a unit vector, so "equals x" means equals x / ||x||, the unit vector
+    nearest to x (no unit vector equals a target of another norm).
     """
 
     def __init__(self, config: QuantizerConfig, index: int = 0) -> None:
@@ -47,6 +61,26 @@ class Codebook(nn.Module):
             opt = torch.optim.Adam if config.inplace_optimizer == "adam" else torch.optim.SGD
             self.inner_optimizer = opt(self.parameters(), lr=config.inplace_lr)
             self._optimizers.append(self.inner_optimizer)
+
+    # -- k-means samples still being collected (part of a training checkpoint) -----------------
+    def kmeans_state(self) -> list[torch.Tensor]:
+        """CPU copies of the vectors collected for k-means init so far (empty once it ran).
+
+        Save it with the training state and give it to :meth:`load_kmeans_state` on resume, so a
+        run interrupted during collection initialises from the same vectors at the same step.
+        """
+        return [s.detach().to("cpu", copy=True) for s in self._kmeans_samples]
+
+    def load_kmeans_state(self, samples: Sequence[torch.Tensor]) -> None:
+        """Restore what :meth:`kmeans_state` returned (moved to the codebook's device)."""
+        d = self.config.sub_dim
+        for i, s in enumerate(samples):
+            if s.dim() != 2 or s.shape[1] != d:
+                raise ValueError(
+                    f"k-means sample block {i} has shape {tuple(s.shape)}; this codebook "
+                    f"collects [n, {d}] blocks (quantizer dim / groups)"
+                )
+        self._kmeans_samples = [s.to(self.weight.device, torch.float32) for s in samples]
 
     # -- the codebook the model uses ------------------------------------------------------------
     def effective(self) -> torch.Tensor:
@@ -105,9 +139,11 @@ class Codebook(nn.Module):
     # -- training-mode bookkeeping ---------------------------------------------------------------
     @torch.no_grad()
     def _before_search(self, z: torch.Tensor) -> None:
-        if not bool(self.kmeans_done):
-            self._collect_kmeans(z)
-        self.affine.update_statistics(z, self.weight)
+        # the running statistics move once per step: the k-means step already moved them, from
+        # the samples of every rank, before writing the centroids through the affine
+        initialised_now = not bool(self.kmeans_done) and self._collect_kmeans(z)
+        if not initialised_now:
+            self.affine.update_statistics(z, self.weight)
         if self.config.replace_freq > 0:
             dead = (self.unused_steps >= self.config.replace_freq).nonzero().flatten()
             if dead.numel():
@@ -121,63 +157,77 @@ class Codebook(nn.Module):
         self.steps.add_(1)
 
     @torch.no_grad()
-    def _collect_kmeans(self, z: torch.Tensor) -> None:
+    def _collect_kmeans(self, z: torch.Tensor) -> bool:
+        """Keep ``z``; initialise once all ranks together hold enough. Returns whether it did."""
         self._kmeans_samples.append(z.float().clone())
-        # the decision is taken on the total over ranks, so every rank initialises at the same step
-        seen = torch.tensor(float(sum(s.shape[0] for s in self._kmeans_samples)))
-        if all_reduce_mean_(seen) >= self.config.kmeans_sample_count:
-            self.init_from_samples(torch.cat(self._kmeans_samples))
+        # decided on the total over ranks, so every rank initialises at the same step
+        held = sum(s.shape[0] for s in self._kmeans_samples)
+        seen = torch.tensor(held, dtype=torch.long, device=self.weight.device)
+        if int(all_reduce_sum_(seen)) < self.config.kmeans_sample_count:
+            return False
+        self.init_from_samples(torch.cat(self._kmeans_samples))
+        return True
 
     @torch.no_grad()
     def init_from_samples(self, samples: torch.Tensor) -> None:
-        """k-means++ + Lloyd on ``samples`` [n, d]; the EFFECTIVE codebook becomes the centroids.
+        """k-means++ + Lloyd on the ``samples`` [n, d] of every rank; the EFFECTIVE codebook
+        becomes the centroids.
 
-        Works with fewer samples than codes (all K rows kept). Under DDP rank 0 computes and
-        broadcasts, so every rank starts from the same codebook.
+        Collective under torch.distributed (every rank calls it at the same step): the samples of
+        all ranks are gathered, the running statistics move once, from them, rank 0 clusters them
+        (at most ``kmeans_sample_count``, drawn with the codebook's seed) and broadcasts the
+        centroids, so every rank starts from the same codebook. Works with fewer samples than
+        codes (all K rows kept). The usage counters restart: the new codes have not been used or
+        missed yet, so replacement judges them from this step on.
         """
-        samples = samples.float()
-        gen = torch.Generator().manual_seed(self.seed)
-        need = self.config.kmeans_sample_count
-        if samples.shape[0] > need:
-            samples = samples[torch.randperm(samples.shape[0], generator=gen)[:need]]
+        samples = all_gather_rows(samples.detach().float().to(self.weight.device))
+        self.affine.update_statistics(samples, self.weight)
         centers = torch.empty_like(self.weight)
-        self.affine.update_statistics(samples, self.weight)  # collective: every rank calls it
         if is_main_process():
-            centers.copy_(
-                kmeans(samples.cpu(), self.config.num_codes, self.config.kmeans_iters, gen)
-            )
+            gen = torch.Generator().manual_seed(self.seed)
+            need = self.config.kmeans_sample_count
+            if samples.shape[0] > need:
+                pick = torch.randperm(samples.shape[0], generator=gen, device="cpu")[:need]
+                samples = samples[pick.to(samples.device)]
+            k, iters = self.config.num_codes, self.config.kmeans_iters
+            centers.copy_(kmeans(samples.cpu(), k, iters, gen))
         broadcast_(centers)
         all_rows = torch.arange(self.config.num_codes, device=self.weight.device)
         self._write_effective(all_rows, centers)
         for buffer in self.affine.buffers():  # running moments too, so ranks stay identical
             broadcast_(buffer)
+        self.unused_steps.zero_()
         self.kmeans_done.fill_(True)
         self._kmeans_samples.clear()
 
     @torch.no_grad()
     def replace_codes(self, rows: torch.Tensor, z: torch.Tensor) -> None:
         """Re-initialise codes ``rows`` to recent encoder vectors (+ noise) so that their EFFECTIVE
-        value equals that vector, reset their counters and their optimizer state."""
+        value equals that vector (its direction under codebook_norm='l2'), reset their counters
+        and their optimizer state. Rank 0 draws, every rank writes the same rows."""
         gen = self._generator()
-        n = rows.numel()
-        new = torch.empty(n, z.shape[1], device=z.device)
+        n, m = rows.numel(), z.shape[0]
+        new = torch.empty(n, z.shape[1], device=self.weight.device)
         if is_main_process():
+            # drawn on the CPU generator, so a seed gives the same codes on any device
             pick = (
-                torch.randperm(z.shape[0], generator=gen)[:n]
-                if z.shape[0] >= n
-                else torch.randint(z.shape[0], (n,), generator=gen)
+                torch.randperm(m, generator=gen, device="cpu")[:n]
+                if m >= n
+                else torch.randint(m, (n,), generator=gen, device="cpu")
             )
             noise_std = self.config.replace_noise * z.float().std(0, unbiased=False).mean()
-            noise = torch.randn(n, z.shape[1], generator=gen).to(z.device) * noise_std
-            new.copy_(z[pick.to(z.device)].float() + noise)
+            noise = torch.randn(n, z.shape[1], generator=gen, device="cpu").to(z.device)
+            new.copy_(z[pick.to(z.device)].float() + noise * noise_std)
         broadcast_(new)
         self._write_effective(rows, new)
         self.unused_steps[rows] = 0
 
     @torch.no_grad()
     def _write_effective(self, rows: torch.Tensor, effective: torch.Tensor) -> None:
+        """C[rows] such that A(C)[rows] == ``effective``; those rows' optimizer state restarts."""
         rows = rows.to(self.weight.device)
-        self.weight[rows] = self.affine.inverse(effective.to(self.weight), rows)
+        current = self.weight[rows]
+        self.weight[rows] = self.affine.inverse(effective.to(self.weight), rows, current)
         for optimizer in self._optimizers:
             state = optimizer.state.get(self.weight)
             for value in (state or {}).values():

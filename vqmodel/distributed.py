@@ -1,4 +1,7 @@
-"""The few collective operations the quantizer needs; no-ops when not running distributed."""
+"""The few collective operations the quantizer needs; no-ops when not running distributed.
+
+Callers pass tensors on the codebook's device: NCCL (the GPU backend) refuses CPU tensors.
+"""
 
 from __future__ import annotations
 
@@ -33,3 +36,21 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` [n_r, ...] concatenated in rank order, on every rank; the counts
+    n_r may differ between ranks."""
+    if not is_distributed():
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    # all_gather needs one shape on every rank: pad to the largest count, trim afterwards
+    padded = rows.new_zeros(max(sizes), *rows.shape[1:])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])

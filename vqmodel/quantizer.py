@@ -232,8 +232,3 @@ class VectorQuantizer(nn.Module):
         """Let dead-code replacement and k-means init reset ``optimizer``'s per-code state."""
         for book in self.codebooks:
             book.attach_optimizer(optimizer)
-
-    @torch.no_grad()
-    def effective_codebooks(self) -> torch.Tensor:
-        """[num_codebooks, K, d]: the codebooks the model actually uses (stage-major)."""
-        return torch.stack([book.effective() for book in self.codebooks])

@@ -21,7 +21,7 @@ from torch import nn
 
 from vqmodel.config import QuantizerConfig
 from vqmodel.quantizer import VectorQuantizer
-from vqmodel.search import nearest_codes
+from vqmodel.search import SERVED_DTYPE, nearest_codes
 
 DOWNSAMPLE_FACTORS = (4, 8, 16)
 
@@ -291,15 +291,15 @@ class VQVAE(nn.Module):
         self._check_single_token_grid()
         z = self.encode_features(images)
         n, _, h, w = z.shape
-        # the quantizer's own row layout (incl. its input norm), then its nearest-code rule in
-        # fp64: the served token rule, which the exported encoder computes the same way
+        # the quantizer's own row layout (incl. its input norm), then the served token rule
+        # (the training search in SERVED_DTYPE), which the exported encoder graph also calls
         rows, _ = self.quantizer._to_rows(z)
         codebook = self.quantizer.codebooks[0].effective()
         indices, _ = nearest_codes(
             rows.reshape(-1, rows.shape[-1]),
             codebook,
             self.config.quantizer.chunk_size,
-            dtype=torch.float64,
+            dtype=SERVED_DTYPE,
         )
         return indices.view(n, h, w)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vqmodel import QuantizerConfig, VectorQuantizer, nearest_codes
+from vqmodel.search import SERVED_DTYPE, CodebookTerms
 
 
 def _rows(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -45,14 +46,24 @@ def test_gradient_to_z_is_identity(nu: float) -> None:
 @pytest.mark.parametrize("beta", [0.0, 0.25, 0.8, 0.95, 1.0])
 def test_loss_matches_formula(beta: float) -> None:
     torch.manual_seed(2)
-    vq = VectorQuantizer(num_codes=16, dim=4, beta=beta)
-    z = torch.randn(2, 4, 3, 3)
+    vq = VectorQuantizer(num_codes=16, dim=4, beta=beta, affine="learned")
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
     _, info = vq(z)
     codes = vq.codebooks[0].effective()[info["indices"]].movedim(-1, 1)
     mse = F.mse_loss(z, codes).item()
     assert info["loss_codebook"].item() == pytest.approx(mse, rel=1e-6)
     assert info["loss_commitment"].item() == pytest.approx(mse, rel=1e-6)
     assert info["loss"].item() == pytest.approx(mse, rel=1e-6)  # beta*m + (1-beta)*m
+    # both terms have the same value, so only the gradients tell beta from 1 - beta:
+    # L_vq = beta * mean||sg(z) - C_q||^2 + (1 - beta) * mean||z - sg(C_q)||^2
+    formula = beta * F.mse_loss(z.detach(), codes) + (1 - beta) * F.mse_loss(z, codes.detach())
+    inputs = [z, *vq.parameters()]
+    got = torch.autograd.grad(info["loss"], inputs, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(formula, inputs, allow_unused=True)
+    for x, g, w in zip(inputs, got, want):
+        zero = torch.zeros_like(x)
+        torch.testing.assert_close(zero if g is None else g, zero if w is None else w)
+    assert want[0].abs().sum() > 0 if beta < 1 else want[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("nu", [0.0, 0.2, 1.0])
@@ -122,6 +133,22 @@ def test_exact_ties_go_to_the_smallest_index() -> None:
     assert idx.tolist() == [0, 1, 0]
 
 
+def test_one_block_search_is_the_chunked_search() -> None:
+    # the exported encoder scores all rows in one block (chunk_size=None): the same tokens,
+    # exact ties included, as the chunked search VQVAE.encode runs, in both precisions
+    torch.manual_seed(11)
+    codebook = torch.randn(300, 16).round(decimals=1)
+    codebook[150] = codebook[20]  # an exact duplicate: ties go to 20
+    z = torch.cat([torch.randn(700, 16), codebook[[20, 150, 7]]])
+    for dtype in (torch.float32, SERVED_DTYPE):
+        chunked, dist_chunked = nearest_codes(z, codebook, chunk_size=64, dtype=dtype)
+        terms = CodebookTerms.of(codebook, dtype)
+        block, dist_block = nearest_codes(z, terms, chunk_size=None, dtype=dtype)
+        assert torch.equal(block, chunked)
+        assert block[-3:].tolist() == [20, 20, 7]
+        torch.testing.assert_close(dist_block, dist_chunked)
+
+
 def test_search_is_fp32_under_autocast() -> None:
     torch.manual_seed(6)
     codebook = torch.randn(256, 32)
@@ -165,8 +192,9 @@ def test_residual_error_falls_with_each_stage() -> None:
     z = torch.randn(4, 8, 8, 8)
     errors = []
     for stages in (1, 2, 3, 4):
-        vq = VectorQuantizer(num_codes=64, dim=8, residual_stages=stages, kmeans_init=True,
-                             kmeans_samples=256)
+        vq = VectorQuantizer(
+            num_codes=64, dim=8, residual_stages=stages, kmeans_init=True, kmeans_samples=256
+        )
         vq(z)  # first training forward runs k-means on z's own residuals
         vq.eval()
         out, info = vq(z)
@@ -177,8 +205,16 @@ def test_residual_error_falls_with_each_stage() -> None:
 
 def test_state_dict_round_trip_restores_identical_outputs() -> None:
     torch.manual_seed(10)
-    cfg = QuantizerConfig(num_codes=32, dim=8, groups=2, residual_stages=2, affine="running",
-                          replace_freq=2, kmeans_init=True, kmeans_samples=64)
+    cfg = QuantizerConfig(
+        num_codes=32,
+        dim=8,
+        groups=2,
+        residual_stages=2,
+        affine="running",
+        replace_freq=2,
+        kmeans_init=True,
+        kmeans_samples=64,
+    )
     vq = VectorQuantizer(cfg)
     for _ in range(4):
         vq(torch.randn(2, 8, 4, 4) * 3 + 1)

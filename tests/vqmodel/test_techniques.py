@@ -3,8 +3,11 @@ alternating optimisation, usage accounting. Each test fails if its technique wer
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqmodel import QuantizerConfig, UsageAccumulator, VectorQuantizer, kmeans, kmeans_plus_plus
 
@@ -95,7 +98,7 @@ def test_running_affine_does_not_update_in_eval_mode() -> None:
 def test_kmeans_recovers_well_separated_centres() -> None:
     gen = torch.Generator().manual_seed(4)
     centres = torch.randn(8, 3, generator=gen) * 20
-    x = (centres.repeat_interleave(200, 0) + torch.randn(1600, 3, generator=gen) * 0.1)
+    x = centres.repeat_interleave(200, 0) + torch.randn(1600, 3, generator=gen) * 0.1
     found = kmeans(x, 8, iters=10, generator=torch.Generator().manual_seed(0))
     nearest = torch.cdist(centres, found).min(1).values
     assert nearest.max() < 0.1
@@ -121,8 +124,9 @@ def test_kmeans_is_reproducible_under_a_seed() -> None:
 
 def test_kmeans_init_sets_the_effective_codebook_from_data() -> None:
     torch.manual_seed(5)
-    vq = VectorQuantizer(num_codes=16, dim=4, kmeans_init=True, kmeans_samples=100,
-                         affine="learned", init_std=8.0)
+    vq = VectorQuantizer(
+        num_codes=16, dim=4, kmeans_init=True, kmeans_samples=100, affine="learned", init_std=8.0
+    )
     with torch.no_grad():
         vq.codebooks[0].affine.scale.fill_(0.5)  # a non-identity affine must be inverted
     z = torch.randn(2, 4, 8, 8) * 0.1 + 1.0
@@ -142,11 +146,93 @@ def test_kmeans_init_waits_for_enough_samples() -> None:
     assert bool(vq.codebooks[0].kmeans_done)
 
 
+def test_kmeans_init_restarts_the_usage_counters() -> None:
+    # codes far from the data go unused while samples are collected; once k-means has placed
+    # them, replacement must judge them from the k-means step on, not by the counts of the codes
+    # they replaced (replace_freq=2 would otherwise overwrite centroids in the k-means step)
+    torch.manual_seed(12)
+    cfg = QuantizerConfig(
+        num_codes=16, dim=4, kmeans_init=True, kmeans_samples=48, replace_freq=2, replace_noise=0.0
+    )
+    vq = VectorQuantizer(cfg)
+    book = vq.codebooks[0]
+    batches = [torch.randn(1, 4, 4, 4) * 0.5 + 5.0 for _ in range(4)]
+    for z in batches[:3]:  # 16 vectors each: k-means runs in the third step
+        vq(z)
+    assert bool(book.kmeans_done)
+    samples = torch.cat([z.movedim(1, -1).reshape(-1, 4) for z in batches[:3]])
+    centroids = kmeans(samples, 16, cfg.kmeans_iters, torch.Generator().manual_seed(cfg.seed))
+    assert torch.equal(book.effective().detach(), centroids)
+    assert int(book.unused_steps.max()) == 1  # unused in the k-means step only
+    vq(batches[3])
+    assert torch.equal(book.effective().detach(), centroids)  # nothing judged dead yet
+
+
+def test_kmeans_step_moves_the_running_statistics_once() -> None:
+    # EMA(m): the k-means step moves the running moments once, towards the samples k-means
+    # clusters, and the effective codebook the step searches is exactly the centroids
+    m = 0.5
+    cfg = QuantizerConfig(
+        num_codes=8, dim=2, kmeans_init=True, kmeans_samples=32, affine="running", affine_momentum=m
+    )
+    vq = VectorQuantizer(cfg)
+    book = vq.codebooks[0]
+    gen = torch.Generator().manual_seed(13)
+    first = torch.randn(1, 2, 4, 4, generator=gen)  # 16 vectors: collected
+    second = torch.randn(1, 2, 4, 4, generator=gen) * 3.0 + 10.0  # 32 in total: k-means
+    vq(first)
+    vq(second)
+    assert bool(book.kmeans_done)
+    samples = torch.cat([z.movedim(1, -1).reshape(-1, 2) for z in (first, second)])
+    expected = first.movedim(1, -1).reshape(-1, 2).mean(0).lerp(samples.mean(0), m)
+    torch.testing.assert_close(book.affine.z_mean, expected)
+    centroids = kmeans(samples, 8, cfg.kmeans_iters, torch.Generator().manual_seed(cfg.seed))
+    torch.testing.assert_close(book.effective().detach(), centroids, rtol=0, atol=1e-4)
+
+
+def test_kmeans_samples_survive_a_training_checkpoint() -> None:
+    # a run interrupted while collecting k-means samples resumes to the same codebook
+    cfg = QuantizerConfig(
+        num_codes=16,
+        dim=4,
+        kmeans_init=True,
+        kmeans_samples=48,
+        affine="running",
+        groups=2,
+        shared_codebook=False,
+    )
+    gen = torch.Generator().manual_seed(14)
+    batches = [torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3)]
+    original = VectorQuantizer(cfg)
+    for z in batches[:2]:
+        original(z)
+    assert not bool(original.codebooks[0].kmeans_done)
+    buffer = io.BytesIO()
+    kmeans_state = [book.kmeans_state() for book in original.codebooks]
+    torch.save({"weights": original.state_dict(), "kmeans": kmeans_state}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed = VectorQuantizer(cfg)
+    resumed.load_state_dict(saved["weights"])
+    for book, samples in zip(resumed.codebooks, saved["kmeans"]):
+        book.load_kmeans_state(samples)
+    original(batches[2])
+    resumed(batches[2])
+    for a, b in zip(original.codebooks, resumed.codebooks):
+        assert bool(b.kmeans_done)
+        assert torch.equal(a.effective(), b.effective())
+        assert a.kmeans_state() == b.kmeans_state() == []
+
+
+def test_loading_kmeans_samples_of_another_shape_names_it() -> None:
+    book = VectorQuantizer(num_codes=16, dim=8, groups=2, kmeans_init=True).codebooks[0]
+    with pytest.raises(ValueError, match=r"block 1 has shape \(5, 8\).*\[n, 4\]"):
+        book.load_kmeans_state([torch.zeros(3, 4), torch.zeros(5, 8)])
+
+
 # -- dead-code replacement ---------------------------------------------------------------------
 def test_dead_codes_are_replaced_at_their_effective_value_with_state_reset() -> None:
     torch.manual_seed(6)
-    vq = VectorQuantizer(num_codes=32, dim=4, affine="learned", replace_freq=3,
-                         replace_noise=0.0)
+    vq = VectorQuantizer(num_codes=32, dim=4, affine="learned", replace_freq=3, replace_noise=0.0)
     book = vq.codebooks[0]
     with torch.no_grad():
         book.affine.scale.fill_(0.7)
@@ -177,6 +263,73 @@ def test_dead_codes_are_replaced_at_their_effective_value_with_state_reset() -> 
     assert int(book.unused_steps[4:].max()) <= 1
 
 
+def _distance_to_nearest(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # exact differences (cdist's matrix-product form rounds at ~1e-3 here)
+    return (codes[:, None] - rows[None]).norm(dim=-1).min(1).values
+
+
+@pytest.mark.parametrize("affine", ["learned", "running"])
+def test_replacement_through_a_collapsed_affine_dimension_stays_finite(affine: str) -> None:
+    # channel 0 of the data is constant: the running scale sigma_z / sigma_C is 0 there, as is
+    # a learned scale 1 + lr * s driven to s = -1/lr. Every code maps to the bias in that
+    # channel, which here equals the data's value, so the replaced codes can still equal the
+    # chosen inputs; inverting the affine must not divide by the zero scale (inf/NaN codes).
+    torch.manual_seed(15)
+    vq = VectorQuantizer(num_codes=32, dim=4, affine=affine, replace_freq=2, replace_noise=0.0)
+    book = vq.codebooks[0]
+    if affine == "learned":
+        with torch.no_grad():
+            book.affine.scale[..., 0] = -1.0
+    z = torch.randn(1, 4, 2, 2)
+    z[:, 0] = 0.0
+    for _ in range(2):
+        vq(z)
+    before = book.weight.detach().clone()
+    vq(z)  # codes unused for 2 steps are replaced before this step's search
+    replaced = (book.weight.detach() != before).any(1)
+    assert replaced.sum() >= 20
+    assert torch.isfinite(book.weight).all()
+    effective = book.effective().detach()
+    rows = z.movedim(1, -1).reshape(-1, 4)
+    assert _distance_to_nearest(effective[replaced], rows).max() < 1e-5
+
+
+@pytest.mark.parametrize("affine", ["off", "learned"])
+def test_under_l2_codebook_norm_written_codes_are_the_normalised_inputs(affine: str) -> None:
+    # the effective code is A(C)_k / ||A(C)_k||: "equals the input x" means equals x / ||x||
+    torch.manual_seed(16)
+    vq = VectorQuantizer(
+        num_codes=16,
+        dim=4,
+        affine=affine,
+        codebook_norm="l2",
+        kmeans_init=True,
+        kmeans_samples=8,
+        kmeans_iters=0,
+        replace_freq=1,
+        replace_noise=0.0,
+    )
+    book = vq.codebooks[0]
+    if affine == "learned":
+        with torch.no_grad():
+            book.affine.scale.fill_(-0.6)
+            book.affine.bias.fill_(0.2)
+    z = torch.randn(1, 4, 2, 4) * 3.0 + 1.0  # 8 vectors of norm ~4: fewer than the 16 codes
+    vq(z)  # k-means with fewer samples than codes keeps every sample as a code
+    rows = F.normalize(z.movedim(1, -1).reshape(-1, 4), dim=1)
+    torch.testing.assert_close(book.effective().detach()[:8], rows)
+    z2 = torch.randn(1, 4, 2, 4) * 3.0 - 2.0
+    vq(z2)
+    before = book.weight.detach().clone()
+    vq(z2)  # codes unused in the previous step are replaced by rows of z2
+    replaced = (book.weight.detach() != before).any(1)
+    assert replaced.any()
+    rows2 = F.normalize(z2.movedim(1, -1).reshape(-1, 4), dim=1)
+    assert _distance_to_nearest(book.effective().detach()[replaced], rows2).max() < 1e-5
+    norms = book.effective().detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
 def test_replacement_off_leaves_dead_codes_alone() -> None:
     vq = VectorQuantizer(num_codes=32, dim=4, replace_freq=0)
     with torch.no_grad():
@@ -190,8 +343,15 @@ def test_replacement_off_leaves_dead_codes_alone() -> None:
 # -- in-place alternating ----------------------------------------------------------------------
 def test_inplace_returns_codes_from_the_updated_codebook_without_leaking_gradients() -> None:
     torch.manual_seed(7)
-    vq = VectorQuantizer(num_codes=16, dim=4, affine="learned", inplace=True,
-                         inplace_optimizer="sgd", inplace_lr=1.0, sync_nu=0.0)
+    vq = VectorQuantizer(
+        num_codes=16,
+        dim=4,
+        affine="learned",
+        inplace=True,
+        inplace_optimizer="sgd",
+        inplace_lr=1.0,
+        sync_nu=0.0,
+    )
     book = vq.codebooks[0]
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     before = book.effective().detach().clone()
