@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.ablation import row_of, seed_label, seed_order
+from training.ablation_report import row_of, seed_label, seed_order
 from training.evaluate import _same_shape_batches, load_eval_set, pad_to_multiple
 from vqmodel import load_model
 from vqmodel.search import nearest_codes

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Problem, problem_response
+from service.errors import problem_response
 from service.images import (
     PreparedImage,
     ResizePolicy,
@@ -36,6 +36,7 @@ from service.images import (
     model_input_size,
     open_image,
 )
+from service.problems import Problem
 
 # Engine working memory per model pixel is proportional to the encoder/decoder width at full
 # resolution: onnxruntime peaked at 569 (encode) and 665 (decode) bytes per pixel for the default

@@ -190,11 +190,13 @@ class MicroBatcher:
                 _hand_back(item, None, error)
             return
         elapsed = time.perf_counter() - started
-        for index, item in enumerate(items):
-            _hand_back(item, outputs[index], None)
+        # Count the batch before any caller can see its answer: a client that reads /metrics
+        # right after its response must find the batch that served it.
         if self._on_batch is not None:
             with contextlib.suppress(Exception):  # metrics must never stop the worker
                 self._on_batch(operation, len(items), elapsed)
+        for index, item in enumerate(items):
+            _hand_back(item, outputs[index], None)
 
 
 def _hand_back(item: _Item, value: np.ndarray | None, error: BaseException | None) -> None:

@@ -1,16 +1,10 @@
-"""Problem details (RFC 9457) for every error the service answers.
-
-A `Problem` exception carries the status, a short title, a detail sentence and, for limit and
-validation errors, the offending `field`, the `limit` and the `value` received. The exception
-handlers installed by `install_problem_handlers` turn it (and FastAPI's own validation errors,
-and Starlette's HTTP errors) into `application/problem+json`.
-"""
+"""Problem details over HTTP: the exception handlers that answer every error as
+`application/problem+json` (`Problem`s, FastAPI's validation errors, Starlette's HTTP errors).
+The `Problem` itself lives in service/problems.py, free of FastAPI."""
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -19,51 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-PROBLEM_MEDIA_TYPE = "application/problem+json"
-PROBLEM_TYPE_BASE = "https://vqtok.dev/problems/"
+from service.problems import PROBLEM_MEDIA_TYPE, Problem
 
 log = logging.getLogger("vqtok.service")
-
-
-class Problem(Exception):
-    """An error answered as problem+json; `kind` becomes the problem `type` URI's last segment."""
-
-    def __init__(
-        self,
-        status: int,
-        kind: str,
-        detail: str,
-        *,
-        title: str | None = None,
-        field: str | None = None,
-        limit: object = None,
-        value: object = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.title = title or HTTPStatus(status).phrase
-        self.detail = detail
-        self.field = field
-        self.limit = limit
-        self.value = value
-        self.headers = dict(headers or {})
-
-    def body(self, instance: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": PROBLEM_TYPE_BASE + self.kind,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if instance is not None:
-            body["instance"] = instance
-        for key in ("field", "limit", "value"):
-            member = getattr(self, key)
-            if member is not None:
-                body[key] = _jsonable(member)
-        return body
 
 
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
@@ -73,20 +25,6 @@ def problem_response(problem: Problem, instance: str | None = None) -> JSONRespo
         headers=problem.headers,
         media_type=PROBLEM_MEDIA_TYPE,
     )
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Infinity: echo them as "nan", "inf"
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, tuple | list):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
-    return str(value)
 
 
 def _location(loc: tuple[Any, ...]) -> str:

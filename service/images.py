@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import Problem
+from service.problems import Problem
 
 ResizePolicy = Literal["fit", "pad", "none"]
 RESIZE_POLICIES: tuple[ResizePolicy, ...] = ("fit", "pad", "none")

@@ -10,8 +10,8 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from service.deps import ServiceDep
-from service.errors import PROBLEM_MEDIA_TYPE
 from service.images import ResizePolicy
+from service.problems import PROBLEM_MEDIA_TYPE
 from service.schemas import DecodeBatchResponse, DecodeRequest, EncodeResponse, Health, TokenFormat
 
 router = APIRouter()

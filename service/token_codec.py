@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import Problem
+from service.problems import Problem
 from service.schemas import DecodeRequest, TokenFormat
 
 

@@ -40,9 +40,9 @@ import numpy as np
 
 from service.admission import Limits, ModelGeometry, prepare_upload
 from service.engine import Engine, EngineError
-from service.errors import Problem
 from service.files import write_bytes_atomic
 from service.images import PreparedImage
+from service.problems import Problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_FILE = "manifest.json"

@@ -29,9 +29,9 @@ from service.admission import (
 )
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.engine import InputError
-from service.errors import Problem
 from service.images import ResizePolicy, encode_png, psnr_db
 from service.metrics import ServiceMetrics
+from service.problems import Problem
 from service.schemas import (
     DecodeRequest,
     TokenFormat,

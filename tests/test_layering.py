@@ -20,15 +20,16 @@ FORBIDDEN = {
     "service": ("torch", "vqmodel", "training", "torchvision", "safetensors"),
     "training": (),
 }
-# what training may use of the runtime: the model folder, the image policy, the engine (parity)
+# what training may use of the runtime: the model folder, the image policy, the engine (parity),
+# atomic writes and the error type; none of them may pull in the web stack
 TRAINING_MAY_IMPORT = {
     "service.model_dir",
     "service.images",
     "service.engine",
-    "service.admission",
-    "service.errors",
     "service.files",
+    "service.problems",
 }
+WEB_STACK = ("fastapi", "starlette", "uvicorn", "pydantic_settings", "anyio")
 MAX_FUNCTION_LINES = 80
 
 
@@ -87,6 +88,26 @@ def test_no_forbidden_imports(package: str) -> None:
                 bad.append(f"{name} imports {imported}")
             if package == "training" and top == "service" and not _contract_piece(imported):
                 bad.append(f"{name} imports {imported} (not a torch-free contract piece)")
+    assert not bad, "\n".join(bad)
+
+
+def test_contract_pieces_need_no_web_stack() -> None:
+    # `pip install vqtok[train]` has no FastAPI: what training imports of service, and everything
+    # those modules import in turn, must load without it
+    graph, known = internal_graph(), modules()
+    seen, todo = set(), list(TRAINING_MAY_IMPORT)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(graph.get(name, ()))
+    bad = [
+        f"{name} imports {imported}"
+        for name in sorted(seen)
+        for imported in imports_of(known[name])
+        if imported.split(".")[0] in WEB_STACK
+    ]
     assert not bad, "\n".join(bad)
 
 

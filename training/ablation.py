@@ -5,10 +5,13 @@ switched on per row; every trained model evaluated at native size with :func:`ev
                    [--seeds 0,1,2] [--set model.code_dim=64 ...]
 
 The config file holds ``base`` (a full TrainConfig mapping: the baseline row), ``rows`` (row id ->
-``label`` and dotted-key ``overrides`` applied to ``base``, as on the vqtok-train command line),
-and ``eval`` (``data`` spec and optional ``limit``). Row ``r`` trains in ``<out>/<r>/``.
+``label`` and dotted-key ``overrides`` applied to ``base``, as on the vqtok-train command line;
+the first row is the baseline the report's ratios refer to), ``eval`` (``data`` spec and optional
+``limit``) and ``pairs`` ([method row, reference row] comparisons). Row ``r`` trains in
+``<out>/<r>/``.
 
-Outputs in ``--out``: ``results.json`` (per-row config, metrics and timing) and ``table.md``.
+Outputs in ``--out``: ``results.json`` (per-row config, metrics and timing) and ``table.md``
+(written by training/ablation_report.py).
 Resumable: a row whose resolved config is already in results.json is skipped; an interrupted row
 continues from its last checkpoint (same config) or restarts (config changed).
 """
@@ -19,7 +22,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import shlex
@@ -34,6 +36,8 @@ from typing import Any
 import torch
 import yaml
 
+from training.ablation_report import DEFAULT_PAIRS, results_table
+from training.cli_errors import user_error
 from training.config import ConfigError, TrainConfig, apply_override, validate_config
 from training.evaluate import evaluate, load_eval_set
 from training.loop import train
@@ -43,8 +47,6 @@ from vqmodel import load_model
 DEFAULT_CONFIG = "training/configs/ablation.yaml"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
-# [method, reference]: the method must beat the reference on MSE and usage (the issue's targets)
-DEFAULT_PAIRS = (("full", "strong"),)
 
 
 # -- the config file -------------------------------------------------------------------------------
@@ -54,6 +56,8 @@ def load_ablation(path: str | os.PathLike[str]) -> dict[str, Any]:
         spec = yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read ablation config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with base, rows, eval")
     unknown = sorted(set(spec) - {"base", "rows", "eval", "pairs"})
@@ -211,15 +215,23 @@ def run_row(
 def _read_results(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"rows": {}}
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); move it away to run the ablation afresh"
+        ) from None
     results.setdefault("rows", {})
     return results
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _save(out: Path, results: dict[str, Any]) -> None:
+    """results.json, then table.md from it."""
+    path = out / RESULTS_FILE
     temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(data, indent=2) + "\n")
+    temp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(temp, path)  # a killed run never leaves a half-written results file
+    (out / TABLE_FILE).write_text(results_table(results))
 
 
 def run_ablation(
@@ -244,29 +256,17 @@ def run_ablation(
     for override in base_overrides:
         apply_override(spec["base"], override)
     out = Path(out_dir)
-    all_rows = list(spec["rows"])
-    selected = list(rows) if rows else all_rows
-    unknown = [r for r in selected if r not in spec["rows"]]
-    if unknown:
-        raise ConfigError(f"--rows: unknown row(s) {unknown}; the config has {all_rows}")
     eval_spec = {"data": "pip-photos", "limit": None, **(spec.get("eval") or {})}
-    # validate every row before training any: a typo in the last row fails now, not in an hour
-    runs: dict[str, tuple[str, TrainConfig]] = {}
-    for row_id in selected:
-        for seed in seeds or [None]:
-            config = row_config(spec, row_id, out, steps, seed)
-            runs[Path(config.out_dir).name] = (row_id, config)
-
+    runs = plan_runs(spec, out, rows, steps, seeds)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    results = _read_results(results_path)
+    results = _read_results(out / RESULTS_FILE)
     results.update(
         {
             "config_file": str(config_path),
             "command": command,
             "hardware": hardware(),
             "eval": eval_spec,
-            "order": all_rows,
+            "order": list(spec["rows"]),
             "pairs": spec["pairs"],
         }
     )
@@ -278,247 +278,57 @@ def run_ablation(
             print(f"[{run_id}] done already (fingerprint {key}); skipping")
             continue
         if eval_images is None:
-            eval_images = load_eval_set(eval_spec["data"], eval_spec["limit"])
+            eval_images = load_eval_set(eval_spec["data"], eval_spec["limit"], key="eval.data")
         print(f"[{run_id}] training {config.steps} steps in {config.out_dir}", flush=True)
         row = run_row(config, eval_images, progress=progress)
-        row.update(
-            {
-                "row": row_id,
-                "seed": config.seed,
-                "label": spec["rows"][row_id].get("label") or row_id,
-                "overrides": spec["rows"][row_id].get("overrides") or {},
-                "fingerprint": key,
-                "config": config.model_dump(mode="json"),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        )
+        row.update(_row_record(spec, row_id, config, key))
         results["rows"][run_id] = row
-        _write_json(results_path, results)
-        (out / TABLE_FILE).write_text(results_table(results))
+        _save(out, results)
         print(
             f"[{run_id}] MSE {row['mse']:.3e}  PSNR {row['psnr']:.2f}  usage {row['usage']:.1%}  "
             f"perplexity {row['perplexity']:.1f}  {row['sec_per_step']:.3f} s/step",
             flush=True,
         )
-    _write_json(results_path, results)
-    (out / TABLE_FILE).write_text(results_table(results))
+    _save(out, results)
     return results
 
 
-# -- the table -------------------------------------------------------------------------------------
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
-        return None
-    return a / b
+def plan_runs(
+    spec: dict[str, Any],
+    out: Path,
+    rows: Sequence[str] | None,
+    steps: int | None,
+    seeds: Sequence[int] | None,
+) -> dict[str, tuple[str, TrainConfig]]:
+    """{run id: (row id, config)} for the selected rows x seeds, every config validated before
+    any row trains (a typo in the last row fails now, not in an hour)."""
+    all_rows = list(spec["rows"])
+    selected = list(rows) if rows else all_rows
+    unknown = [r for r in selected if r not in spec["rows"]]
+    if unknown:
+        raise ConfigError(f"--rows: unknown row(s) {unknown}; the config has {all_rows}")
+    runs: dict[str, tuple[str, TrainConfig]] = {}
+    for row_id in selected:
+        for seed in seeds or [None]:
+            config = row_config(spec, row_id, out, steps, seed)
+            runs[Path(config.out_dir).name] = (row_id, config)
+    return runs
 
 
-def target_checks(
-    metrics: dict[str, dict[str, Any]], pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS
-) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for the issue's targets, where the rows they need exist, given each
-    row's metrics (``mse``, ``usage``, ``perplexity``): full vs baseline, then each [method,
-    reference] pair."""
-    checks = []
-    base, full = metrics.get("baseline"), metrics.get("full")
-    if base and full:
-        ppl = _ratio(full["perplexity"], base["perplexity"])
-        mse = _ratio(full["mse"], base["mse"])
-        if ppl is not None:
-            checks.append(("full / baseline perplexity ≥ 20×", f"{ppl:.1f}×", ppl >= 20))
-        if mse is not None:
-            checks.append(("full / baseline MSE ≤ 0.6×", f"{mse:.2f}×", mse <= 0.6))
-    for method, reference in pairs:
-        a, b = metrics.get(method), metrics.get(reference)
-        if not (a and b):
-            continue
-        mse = _ratio(a["mse"], b["mse"])
-        if mse is not None:
-            checks.append((f"{method} MSE < {reference} MSE", f"{mse:.3f}×", mse < 1))
-        if a["usage"] is not None and b["usage"] is not None:
-            checks.append(
-                (
-                    f"{method} usage > {reference} usage",
-                    f"{a['usage']:.1%} vs {b['usage']:.1%}",
-                    a["usage"] > b["usage"],
-                )
-            )
-        if a["perplexity"] is not None and b["perplexity"] is not None:
-            checks.append(
-                (
-                    f"{method} perplexity > {reference} perplexity",
-                    f"{a['perplexity']:.1f} vs {b['perplexity']:.1f}",
-                    a["perplexity"] > b["perplexity"],
-                )
-            )
-    return checks
-
-
-def _metrics(row: dict[str, Any], window: bool) -> dict[str, Any]:
-    if not window:
-        return row
-    last = row.get("final_train_metrics") or {}
+def _row_record(
+    spec: dict[str, Any], row_id: str, config: TrainConfig, fingerprint: str
+) -> dict[str, Any]:
+    """What results.json keeps about a run besides its metrics."""
+    row = spec["rows"][row_id]
     return {
-        "mse": last.get("recon"),
-        "psnr": last.get("psnr"),
-        "usage": last.get("usage"),
-        "perplexity": last.get("perplexity"),
-        "dead_codes": last.get("dead_codes"),
+        "row": row_id,
+        "seed": config.seed,
+        "label": row.get("label") or row_id,
+        "overrides": row.get("overrides") or {},
+        "fingerprint": fingerprint,
+        "config": config.model_dump(mode="json"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def row_of(run_id: str, run: dict[str, Any]) -> str:
-    return run.get("row", run_id)  # results written before --seeds: the key is the row id
-
-
-def seed_label(run: dict[str, Any]) -> str:
-    """The run's seeds as shown and paired: "N" when model and data seed are both N, else "N/M"."""
-    config = run.get("config") or {}
-    seed, data_seed = config.get("seed", 0), (config.get("data") or {}).get("seed", 0)
-    return str(seed) if seed == data_seed else f"{seed}/{data_seed}"
-
-
-def seed_order(label: str) -> list[int]:
-    """Sort key of :func:`seed_label`'s labels: numerically, model seed first."""
-    return [int(n) for n in label.split("/")]
-
-
-def _ordered(results: dict[str, Any], ids: Sequence[str]) -> list[str]:
-    order = results.get("order", [])
-    return [r for r in order if r in ids] + [r for r in ids if r not in order]
-
-
-def results_table(results: dict[str, Any]) -> str:
-    """Markdown: the native-size evaluation and the last training window, one line per finished
-    row (config order, the row's own seed) with ratios to the baseline, then the targets on each;
-    where a row ran with several seeds, the same over the seeds' means and the paired wins."""
-    runs = results["rows"]
-    rows = {k: run for k, run in runs.items() if row_of(k, run) == k}
-    order = _ordered(results, list(rows))
-    out: list[str] = []
-    for window in (False, True):
-        metrics = {r: _metrics(rows[r], window) for r in order}
-        base = metrics.get("baseline")
-        if window:
-            out += [
-                "",
-                "Last training log window (batches of patches from the training source, "
-                "first epoch: not seen before; usage over the whole window):",
-                "",
-                "| row | recon MSE | PSNR (dB) | usage | perplexity | dead codes "
-                "| MSE / baseline | perplexity / baseline |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-        else:
-            out += [
-                f"Native-size evaluation on `{results.get('eval', {}).get('data', '?')}`:",
-                "",
-                "| row | MSE | PSNR (dB) | SSIM | usage | perplexity | dead codes | s/step "
-                "| MSE / baseline | perplexity / baseline |",
-                "|---|---|---|---|---|---|---|---|---|---|",
-            ]
-        for row_id in order:
-            r, m = rows[row_id], metrics[row_id]
-            mse_ratio = _ratio(m["mse"], base["mse"]) if base else None
-            ppl_ratio = _ratio(m["perplexity"], base["perplexity"]) if base else None
-            cells = [r["label"], _num(m["mse"], ".3e"), _num(m["psnr"], ".2f")]
-            if not window:
-                cells.append(_num(m["ssim"], ".4f"))
-            cells += [
-                _num(m["usage"], ".1%"),
-                _num(m["perplexity"], ".1f"),
-                _num(m["dead_codes"], "d"),
-            ]
-            if not window:
-                cells.append(_num(r["sec_per_step"], ".3f"))
-            cells += [_num(mse_ratio, ".2f") + "×", _num(ppl_ratio, ".1f") + "×"]
-            out.append("| " + " | ".join(c.replace("–×", "–") for c in cells) + " |")
-        checks = target_checks(metrics, results.get("pairs", DEFAULT_PAIRS))
-        if checks:
-            where = "training window" if window else "native-size evaluation"
-            out += ["", f"| target ({where}) | measured | met |", "|---|---|---|"]
-            out += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in checks]
-    out += _seeds_section(results)
-    return "\n".join(out) + "\n"
-
-
-def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    known = [v for v in values if v is not None]
-    if not known:
-        return None, None
-    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
-
-
-def _seeds_section(results: dict[str, Any]) -> list[str]:
-    """Rows with runs of several seeds: mean ± sample sd per metric, the targets on the means,
-    and each [method, reference] pair seed by seed (same seed = same data and initial weights)."""
-    groups: dict[str, dict[str, dict[str, Any]]] = {}
-    for run_id, run in results["rows"].items():
-        groups.setdefault(row_of(run_id, run), {})[seed_label(run)] = run
-    if all(len(g) < 2 for g in groups.values()):
-        return []
-    order = _ordered(results, list(groups))
-    pairs = results.get("pairs", DEFAULT_PAIRS)
-    means: dict[bool, dict[str, dict[str, Any]]] = {False: {}, True: {}}
-    out = [
-        "",
-        "Across seeds (seed N sets the model and data seeds: other initial weights, patch bank "
-        "and batch order); mean ± sample standard deviation:",
-        "",
-        "| row | seeds | MSE | PSNR (dB) | usage | perplexity | window MSE | window usage "
-        "| window perplexity |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row_id in order:
-        seeds = sorted(groups[row_id], key=seed_order)
-        runs = [groups[row_id][s] for s in seeds]
-        cells = [runs[0]["label"], ",".join(seeds)]
-        for window in (False, True):
-            stats = {
-                k: _mean_sd([_metrics(run, window)[k] for run in runs])
-                for k in ("mse", "psnr", "usage", "perplexity")
-            }
-            means[window][row_id] = {k: mean for k, (mean, _) in stats.items()}
-            shown = (
-                ("mse", "psnr", "usage", "perplexity")
-                if not window
-                else ("mse", "usage", "perplexity")
-            )
-            spec = {"mse": ".3e", "psnr": ".2f", "usage": ".1%", "perplexity": ".1f"}
-            for k in shown:
-                mean, sd = stats[k]
-                cells.append(_num(mean, spec[k]) + ("" if sd is None else f" ± {sd:{spec[k]}}"))
-        out.append("| " + " | ".join(cells) + " |")
-    for window in (False, True):
-        checks = [(f"{t} (means)", m, ok) for t, m, ok in target_checks(means[window], pairs)]
-        for method, reference in pairs:
-            a, b = groups.get(method, {}), groups.get(reference, {})
-            paired = set(a) & set(b)
-            for key, better, name in (
-                ("mse", lambda x, y: x < y, "MSE lower"),
-                ("usage", lambda x, y: x > y, "usage higher"),
-            ):
-                values = [
-                    (_metrics(a[s], window)[key], _metrics(b[s], window)[key]) for s in paired
-                ]
-                values = [(x, y) for x, y in values if x is not None and y is not None]
-                if values:
-                    wins = sum(better(x, y) for x, y in values)
-                    checks.append(
-                        (
-                            f"{method} {name} than {reference}, same seed",
-                            f"{wins} of {len(values)} seeds",
-                            wins == len(values),
-                        )
-                    )
-        if checks:
-            where = "training window" if window else "native-size evaluation"
-            out += ["", f"| target across seeds ({where}) | measured | met |", "|---|---|---|"]
-            out += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in checks]
-    return out
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -552,26 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0; 2 with one line on stderr for a user error (bad flag, config or data
+    source); 128 + signal when a signal interrupted a row (re-run to continue); 1 when a row
+    stopped early otherwise or its training diverged."""
     args = build_parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = list(dict.fromkeys(int(v) for v in args.seeds.split(",") if v.strip()))
-        except ValueError:
-            raise SystemExit(
-                f"--seeds must be comma-separated integers, got {args.seeds!r}"
-            ) from None
-        if not seeds or min(seeds) < 0:
-            raise SystemExit(f"--seeds must be comma-separated integers >= 0, got {args.seeds!r}")
     command = shlex.join(["vqtok-ablation", *(sys.argv[1:] if argv is None else argv)])
     try:
+        rows, seeds = _check_flags(args)
         results = run_ablation(
             args.config,
             args.out,
@@ -583,13 +380,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=command,
         )
     except ConfigError as err:
-        raise SystemExit(str(err)) from None
+        return user_error("vqtok-ablation", err)
     except RowInterrupted as err:
         print(err, file=sys.stderr)
         return 128 + err.signum if err.signum else 1
+    except FloatingPointError as err:  # a row diverged: its message says what to change
+        print(f"vqtok-ablation: {err}", file=sys.stderr)
+        return 1
     print(results_table(results))
     print(f"results: {Path(args.out) / RESULTS_FILE}")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
+    """(rows, seeds) from the command line (and --threads applied); ConfigError when invalid."""
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    if not args.seeds:
+        return rows, None
+    try:
+        seeds = list(dict.fromkeys(int(v) for v in args.seeds.split(",") if v.strip()))
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds must be comma-separated integers >= 0, got {args.seeds!r}")
+    return rows, seeds
 
 
 if __name__ == "__main__":

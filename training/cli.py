@@ -2,7 +2,9 @@
 
 Exit status: 0 when the run finished or stopped at ``time_limit_s`` (a checkpoint was saved:
 run again with --resume); 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped it
-after saving a checkpoint; 2 for a bad config or command line, before any work.
+after saving a checkpoint; 2 for a bad config or command line, or a data source that is not
+installed, before any training (one line on stderr); 1 when the loss or gradients became NaN/inf
+(one line: lower optim.lr, then --resume from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import sys
 
+from training.cli_errors import user_error
 from training.config import ConfigError, load_config
 
 
@@ -38,16 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"vqtok-train: {err}", file=sys.stderr)
-        return 2
+        return user_error("vqtok-train", err)
 
     from training.loop import train  # torch and the data stack load only for a valid config
 
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress)
     except ConfigError as err:
+        return user_error("vqtok-train", err)
+    except FloatingPointError as err:
         print(f"vqtok-train: {err}", file=sys.stderr)
-        return 2
+        return 1
     if summary["rank"] == 0:
         print(json.dumps(summary), flush=True)
     if summary["stopped"] == "signal":

@@ -121,6 +121,15 @@ class TrainConfig(BaseModel):
                 f"model.quantizer.inplace={inplace} contradicts mode={self.mode!r}: the in-place "
                 "codebook step is mode=inplace (which sets it); leave model.quantizer.inplace out"
             )
+        q = self.model.quantizer
+        for option, value in (("groups", q.groups), ("residual_stages", q.residual_stages)):
+            if value != 1:
+                # VQVAE.encode/decode, the export and the service serve one code per position
+                raise ValueError(
+                    f"model.quantizer.{option}={value} is not supported for training: a trained "
+                    f"model must encode to one token per position (VQVAE.encode, the ONNX "
+                    f"export), which needs model.quantizer.{option}=1"
+                )
         low, high = self.data.short_side
         if not 1 <= low <= high or high < self.data.patch_size:
             raise ValueError(

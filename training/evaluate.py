@@ -4,11 +4,13 @@
 
 Conventions (also written into every report):
 
-- Each image is evaluated at its NATIVE size: reflect-padded on the bottom/right to a multiple of
-  the downsampling factor f (edge-replicated when a side is too small to reflect), encoded,
-  decoded, and cropped back. Metrics only ever see the original pixels.
-- PSNR per image = 10·log10(1 / MSE) with data_range 1 (images in [0,1]), then averaged over
-  images (not the PSNR of the pooled MSE). An exact reconstruction has PSNR = inf.
+- Each image is evaluated at its NATIVE size under the service's ``resize=pad`` policy
+  (``service.images.pad_to_multiple``: edge-padded on the bottom/right to a multiple of the
+  downsampling factor f), encoded, decoded, and cropped back. Metrics only ever see the original
+  pixels.
+- PSNR per image = ``service.images.psnr_from_mse`` (10·log10(1 / MSE), data range 1, images in
+  [0,1]), then averaged over images (not the PSNR of the pooled MSE). An exact reconstruction has
+  PSNR = inf.
 - SSIM = ``skimage.metrics.structural_similarity(x, y, data_range=1, channel_axis=-1)`` on the
   H×W×3 images: 7×7 uniform window, the defaults K1=0.01, K2=0.03, mean over channels; the
   window shrinks to the largest odd size that fits an image smaller than 7 pixels.
@@ -23,7 +25,7 @@ Conventions (also written into every report):
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import math
 import sys
 import time
@@ -33,18 +35,30 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from vqmodel import UsageAccumulator, load_metadata, load_model
+from service.images import pad_to_multiple as pad_array
+from service.images import psnr_from_mse
+from training.cli_errors import user_error
+from training.config import ConfigError
+from training.data import open_source
+from training.eval_report import format_metric, write_report
+from vqmodel import CheckpointError, UsageAccumulator, load_metadata, load_model
 from vqmodel.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vqmodel.vqvae import ModelConfig
 
-PADDING = "reflect"
 SSIM_WINDOW = 7
 DEFAULT_DATA = "pip-photos"
 METRICS_LOG = "metrics.jsonl"
+CONVENTIONS = {
+    "padding": "edge (bottom/right) to a multiple of f, cropped back: the service's resize=pad",
+    "psnr": "per image, data_range 1, then mean over images",
+    "ssim": "skimage structural_similarity, data_range=1, channel_axis=-1, 7x7 uniform",
+    "usage": "fraction of codes used at least once over the whole set",
+    "bpp_fixed": "log2(K)/f^2: fixed-length tokens",
+    "bpp_entropy": "H/f^2, H the empirical whole-set token entropy in bits",
+}
 
 
 class Tokenizer(Protocol):
@@ -58,11 +72,6 @@ class Tokenizer(Protocol):
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-def psnr(mse: float) -> float:
-    """PSNR in dB for data range 1; inf for an exact reconstruction."""
-    return math.inf if mse <= 0.0 else 10.0 * math.log10(1.0 / mse)
-
-
 def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float | None:
     """SSIM of two float [3,H,W] images in [0,1] (see the module docstring); None below 3×3."""
     x = np.ascontiguousarray(original.transpose(1, 2, 0), dtype=np.float64)
@@ -75,14 +84,15 @@ def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float | None:
 
 
 def pad_to_multiple(images: torch.Tensor, f: int) -> torch.Tensor:
-    """Pad [N,3,H,W] on the bottom/right to multiples of ``f`` (reflect; replicate if too small)."""
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % f, -w % f
-    if not pad_h and not pad_w:
+    """[N,C,H,W] padded on the bottom/right to multiples of ``f`` by the service's ``pad`` policy
+    (``service.images.pad_to_multiple``), so evaluation encodes what the service would."""
+    n, c, h, w = images.shape
+    hwc = images.detach().cpu().permute(2, 3, 0, 1).reshape(h, w, n * c).numpy()
+    padded = pad_array(hwc, f)
+    if padded is hwc:  # already a multiple of f
         return images
-    # reflect needs pad < side; a side that small can only be edge-replicated
-    mode = PADDING if pad_h < h and pad_w < w else "replicate"
-    return F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+    nchw = torch.from_numpy(padded).reshape(*padded.shape[:2], n, c).permute(2, 3, 0, 1)
+    return nchw.contiguous().to(images.device)
 
 
 def _as_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -153,61 +163,80 @@ def evaluate(
         ``codes_used`` in that image alone), ``code_counts`` (K ints), ``conventions``,
         ``seconds``, and ``samples`` when asked for.
     """
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-        if device is not None:
-            model.to(device)
-        else:
-            device = next(iter(model.parameters()), torch.empty(0)).device
-    device = torch.device(device or "cpu")
-    cfg = model.config
-    num_codes, f = cfg.quantizer.num_codes, cfg.downsample
+    device = _place(model, device)
     if total is None and isinstance(images, Sequence):
         total = len(images)
-    names_iter: Iterable[str] = names if names is not None else (str(i) for i in range(10**12))
-
-    accumulator = UsageAccumulator(num_codes)
+    names_iter = names if names is not None else (str(i) for i in itertools.count())
+    accumulator = UsageAccumulator(model.config.quantizer.num_codes)
     per_image: list[dict[str, Any]] = []
     samples: list[tuple[str, np.ndarray, np.ndarray]] = []
-    pixels = token_count = 0
+    pixels = 0
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc="evaluate", disable=not progress) as bar:
         for batch_names, batch in _same_shape_batches(images, names_iter, batch_size):
             recon, tokens = reconstruct(model, batch.to(device))
             recon, tokens = recon.float().cpu(), tokens.cpu()
             accumulator.update(tokens)
-            token_count += tokens.numel()
             pixels += batch.shape[0] * batch.shape[-2] * batch.shape[-1]
-            mse = ((recon.double() - batch.double()) ** 2).mean(dim=(1, 2, 3))
-            for i, name in enumerate(batch_names):
-                original, reconstruction = batch[i].numpy(), recon[i].numpy()
-                per_image.append(
-                    {
-                        "name": name,
-                        "height": int(batch.shape[-2]),
-                        "width": int(batch.shape[-1]),
-                        "mse": float(mse[i]),
-                        "psnr": psnr(float(mse[i])),
-                        "ssim": ssim(original, reconstruction),
-                        "codes_used": int(tokens[i].unique().numel()),
-                    }
-                )
-                if len(samples) < keep_samples:
-                    samples.append((name, original, reconstruction))
+            per_image += measure(batch_names, batch, recon, tokens)
+            for i, name in enumerate(batch_names[: max(0, keep_samples - len(samples))]):
+                samples.append((name, batch[i].numpy(), recon[i].numpy()))
             bar.update(len(batch_names))
-            bar.set_postfix(
-                psnr=f"{np.mean([r['psnr'] for r in per_image]):.2f}",
-                usage=f"{accumulator.usage:.1%}",
-            )
+            psnr = np.mean([r["psnr"] for r in per_image])
+            bar.set_postfix(psnr=f"{psnr:.2f}", usage=f"{accumulator.usage:.1%}")
     if not per_image:
         raise ValueError("evaluate() got no images")
+    result = summarise(per_image, accumulator, model.config, pixels, time.perf_counter() - start)
+    if keep_samples:
+        result["samples"] = samples
+    return result
 
+
+def _place(model: Tokenizer, device: str | torch.device | None) -> torch.device:
+    """Eval mode, on ``device`` (default: where the model's parameters are)."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        if device is not None:
+            model.to(device)
+        else:
+            device = next(iter(model.parameters()), torch.empty(0)).device
+    return torch.device(device or "cpu")
+
+
+def measure(
+    names: list[str], batch: torch.Tensor, recon: torch.Tensor, tokens: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The per-image rows of one batch (originals, reconstructions, tokens; all on the CPU)."""
+    mse = ((recon.double() - batch.double()) ** 2).mean(dim=(1, 2, 3)).tolist()
+    return [
+        {
+            "name": name,
+            "height": int(batch.shape[-2]),
+            "width": int(batch.shape[-1]),
+            "mse": mse[i],
+            "psnr": psnr_from_mse(mse[i]),
+            "ssim": ssim(batch[i].numpy(), recon[i].numpy()),
+            "codes_used": int(tokens[i].unique().numel()),
+        }
+        for i, name in enumerate(names)
+    ]
+
+
+def summarise(
+    per_image: list[dict[str, Any]],
+    accumulator: UsageAccumulator,
+    config: ModelConfig,
+    pixels: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The whole set's numbers: means of the per-image rows, usage and bits from all tokens."""
+    num_codes, f = config.quantizer.num_codes, config.downsample
     ssims = [r["ssim"] for r in per_image if r["ssim"] is not None]
     entropy_bits = math.log2(accumulator.perplexity) if accumulator.perplexity > 0 else 0.0
-    result: dict[str, Any] = {
+    return {
         "images": len(per_image),
         "pixels": pixels,
-        "tokens": token_count,
+        "tokens": int(accumulator.counts.sum()),
         "mse": float(np.mean([r["mse"] for r in per_image])),
         "psnr": float(np.mean([r["psnr"] for r in per_image])),
         "ssim": float(np.mean(ssims)) if ssims else None,
@@ -219,21 +248,11 @@ def evaluate(
         "bpp_fixed": math.log2(num_codes) / f**2,
         "bpp_entropy": entropy_bits / f**2,
         "entropy_bits": entropy_bits,
-        "seconds": time.perf_counter() - start,
-        "conventions": {
-            "padding": f"{PADDING} (bottom/right) to a multiple of f, cropped back",
-            "psnr": "per image, data_range 1, then mean over images",
-            "ssim": "skimage structural_similarity, data_range=1, channel_axis=-1, 7x7 uniform",
-            "usage": "fraction of codes used at least once over the whole set",
-            "bpp_fixed": "log2(K)/f^2: fixed-length tokens",
-            "bpp_entropy": "H/f^2, H the empirical whole-set token entropy in bits",
-        },
+        "seconds": seconds,
+        "conventions": dict(CONVENTIONS),
         "per_image": per_image,
         "code_counts": accumulator.counts.tolist(),
     }
-    if keep_samples:
-        result["samples"] = samples
-    return result
 
 
 # -- locating the model ----------------------------------------------------------------------------
@@ -272,123 +291,34 @@ def find_metrics_log(model_dir: Path, given: Path) -> Path | None:
     return None
 
 
-def load_eval_set(spec: str, limit: int | None = None) -> tuple[list[str], list[np.ndarray]]:
-    """Names and float32 [3,H,W] images in [0,1] at native size from a training.data source."""
-    from training.data import parse_source
+def load_eval_set(
+    spec: str, limit: int | None = None, key: str = "--data"
+) -> tuple[list[str], list[np.ndarray]]:
+    """Names and float32 [3,H,W] images in [0,1] at native size from a training.data source.
 
+    A source that is unknown, not installed or empty is a :class:`ConfigError` naming ``key``.
+    """
     names, images = [], []
-    for name, rgb in parse_source(spec).images():
+    for name, rgb in open_source(spec, key).images():
         if limit is not None and len(images) >= limit:
             break
         names.append(name)
         images.append(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0)
     if not images:
-        raise ValueError(f"--data {spec!r} yielded no readable images")
+        raise ConfigError(f"{key}={spec!r} yielded no readable images")
     return names, images
-
-
-# -- report ----------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    # JSON has no inf/nan: a perfect reconstruction's PSNR is written as null
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    if value is None:
-        return "–"
-    return "inf" if isinstance(value, float) and math.isinf(value) else format(value, spec)
-
-
-def report_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
-    """The human-readable report.md for ``report`` (the dict written to report.json)."""
-    r = report
-    lines = [
-        f"# Evaluation of {r.get('model', {}).get('path', 'model')}",
-        "",
-        f"Data: `{r.get('data', '?')}`, {r['images']} images at native size "
-        f"({r['pixels']:,} pixels, {r['tokens']:,} tokens), {r['seconds']:.1f} s "
-        f"on {r.get('device', '?')}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| PSNR (dB, mean of per-image) | {_fmt(r['psnr'], '.2f')} |",
-        f"| SSIM (mean) | {_fmt(r['ssim'], '.4f')} |",
-        f"| MSE (mean of per-image) | {_fmt(r['mse'], '.3e')} |",
-        f"| codebook usage (whole set) | {r['usage']:.1%} of {r['num_codes']} |",
-        f"| perplexity (whole set) | {r['perplexity']:.1f} |",
-        f"| dead codes (whole set) | {r['dead_codes']} |",
-        f"| bits/pixel, fixed-length log2(K)/f² | {r['bpp_fixed']:.4f} |",
-        f"| bits/pixel, empirical entropy H/f² | {r['bpp_entropy']:.4f} |",
-        "",
-        "Conventions: " + "; ".join(f"{k}: {v}" for k, v in r["conventions"].items()) + ".",
-        "",
-        "| image | size (H×W) | PSNR | SSIM | codes used |",
-        "|---|---|---|---|---|",
-    ]
-    for row in r["per_image"]:
-        lines.append(
-            f"| {row['name']} | {row['height']}×{row['width']} | {_fmt(row['psnr'], '.2f')} | "
-            f"{_fmt(row['ssim'], '.4f')} | {row['codes_used']} |"
-        )
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{title}]({file})" for title, file in plots.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(
-    result: dict[str, Any],
-    out_dir: str | Path,
-    *,
-    metrics_log: Path | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Path]:
-    """Write report.json, report.md and the plots for an :func:`evaluate` result into ``out_dir``.
-
-    Returns the written paths by kind. Training curves are drawn only when ``metrics_log`` exists.
-    """
-    from training import plots as plotting
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plot_files: dict[str, str] = {}
-    samples = result.get("samples") or []
-    if samples:
-        written["grid"] = plotting.reconstruction_grid(samples, out / "reconstructions.png")
-        plot_files["original | reconstruction | error"] = "reconstructions.png"
-    written["usage"] = plotting.usage_histogram(result["code_counts"], out / "code_usage.png")
-    plot_files["code usage"] = "code_usage.png"
-    if metrics_log is not None and metrics_log.is_file():
-        curves = plotting.training_curves(metrics_log, out / "training_curves.png")
-        if curves is not None:
-            written["curves"] = curves
-            plot_files["training curves"] = "training_curves.png"
-
-    report = {k: v for k, v in result.items() if k != "samples"}
-    report.update(extra or {})
-    if metrics_log is not None:
-        report["metrics_log"] = str(metrics_log)
-    written["json"] = out / "report.json"
-    written["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-    written["markdown"] = out / "report.md"
-    written["markdown"].write_text(report_markdown(report, plot_files))
-    return written
 
 
 # -- CLI -------------------------------------------------------------------------------------------
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -417,10 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0, or 2 with one line on stderr for a user error (a missing or unreadable
+    checkpoint, a data source not installed here, a bad flag value)."""
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, CheckpointError, OSError) as err:
+        return user_error("vqtok-eval", err)
+
+
+def run(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
-            raise SystemExit(f"{flag} must be >= 1, got {value}")
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     given = Path(args.checkpoint)
     model_dir = resolve_checkpoint(given)
     device = _pick_device(args.device)
@@ -446,9 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = Path(args.out) if args.out else given / "eval"
     written = write_report(result, out, metrics_log=find_metrics_log(model_dir, given), extra=extra)
+    fmt = format_metric
     print(
-        f"{result['images']} images: PSNR {_fmt(result['psnr'], '.2f')} dB, "
-        f"SSIM {_fmt(result['ssim'], '.4f')}, usage {result['usage']:.1%} "
+        f"{result['images']} images: PSNR {fmt(result['psnr'], '.2f')} dB, "
+        f"SSIM {fmt(result['ssim'], '.4f')}, usage {result['usage']:.1%} "
         f"({result['dead_codes']} dead), perplexity {result['perplexity']:.1f}, "
         f"bpp {result['bpp_fixed']:.4f} fixed / {result['bpp_entropy']:.4f} entropy"
     )

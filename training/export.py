@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.images import fit_crop
 from service.model_dir import (
     DECODER_FILE,
     DECODER_INPUT,
@@ -62,7 +63,15 @@ from service.model_dir import (
     model_id,
     sha256_bytes,
 )
-from vqmodel.checkpoint import load_metadata, load_model, save_checkpoint, write_bytes_atomic
+from training.cli_errors import user_error
+from vqmodel.checkpoint import (
+    CheckpointError,
+    load_metadata,
+    load_model,
+    save_checkpoint,
+    write_bytes_atomic,
+)
+from vqmodel.search import SERVED_DTYPE, CodebookTerms, nearest_codes
 from vqmodel.vqvae import VQVAE
 
 TOKEN_TOLERANCE = 0  # tokens must agree exactly
@@ -76,27 +85,32 @@ class ExportError(RuntimeError):
     """The export could not be written or does not reproduce torch; the message says how."""
 
 
+class ExportInputError(ExportError):
+    """What the command was given cannot be used (checkpoint, --out, --card, --metrics)."""
+
+
 # -- the two graphs --------------------------------------------------------------------------------
 class EncoderGraph(nn.Module):
     """images [N,3,H,W] in [0,1] -> tokens int64 [N,H/f,W/f], the argmin inside the graph.
 
-    The effective codebook Ĉ = A(C) is frozen into constants (eval-mode semantics): ``Ĉ^T`` and
-    ``||Ĉ_k||^2`` in fp64, so the graph is conv stack -> one fp64 GEMM -> ArgMin. Un-chunked:
-    onnxruntime streams the [N*h*w, K] score matrix through one Gemm, bounded by the batch the
-    caller sends.
+    The served token rule itself (``vqmodel.search.nearest_codes`` in ``SERVED_DTYPE``, as
+    ``VQVAE.encode``) with the effective codebook Ĉ = A(C) frozen into constants (eval-mode
+    semantics): ``Ĉ^T`` and ``||Ĉ_k||^2`` in fp64, so the graph is conv stack -> one fp64 GEMM ->
+    ArgMin. One block (``chunk_size=None``): onnxruntime streams the [N*h*w, K] score matrix
+    through one Gemm, bounded by the batch the caller sends.
     """
 
     def __init__(self, model: VQVAE, fp16: bool = False) -> None:
         super().__init__()
         model._check_single_token_grid()
-        codebook = model.quantizer.codebooks[0].effective().detach().double()
+        terms = CodebookTerms.of(model.quantizer.codebooks[0].effective(), SERVED_DTYPE)
         self.encoder = copy.deepcopy(model.encoder).eval()
         if fp16:
             self.encoder.half()
         self.fp16 = fp16
         self.l2_input = model.config.quantizer.input_norm == "l2"
-        self.register_buffer("codebook_t", codebook.t().contiguous())
-        self.register_buffer("code_sq", codebook.pow(2).sum(1))
+        self.register_buffer("codebook_t", terms.codebook_t.contiguous())
+        self.register_buffer("code_sq", terms.code_sq)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * 2.0 - 1.0
@@ -105,11 +119,9 @@ class EncoderGraph(nn.Module):
         rows = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.l2_input:
             rows = F.normalize(rows, dim=-1)
-        rows = rows.double()
-        # q = argmin_k ||C_k||^2 - 2 z.C_k  (fp64; ||z||^2 is the same for every k; ArgMin keeps
-        # the first minimum, i.e. ties go to the smallest index, as in vqmodel.nearest_codes)
-        scores = torch.addmm(self.code_sq, rows, self.codebook_t, beta=1.0, alpha=-2.0)
-        return scores.argmin(1).reshape(n, h, w)
+        terms = CodebookTerms(self.codebook_t, self.code_sq)
+        tokens, _ = nearest_codes(rows, terms, chunk_size=None, dtype=SERVED_DTYPE)
+        return tokens.reshape(n, h, w)
 
 
 class DecoderGraph(nn.Module):
@@ -275,8 +287,8 @@ def verification_sizes(image_size: int, downsample: int) -> list[tuple[int, int]
 
 
 def verification_photos(sizes: Sequence[tuple[int, int]], count: int) -> dict[tuple, np.ndarray]:
-    """{(h, w): float32 [count,3,h,w]}: real photos (pip-bundled), resized to cover and
-    centre-cropped to each size."""
+    """{(h, w): float32 [count,3,h,w]}: real photos (pip-bundled) under the service's ``fit``
+    policy (``service.images.fit_crop``) at the longer side, centre-cropped to h x w."""
     from PIL import Image
 
     from training.data import pip_photos
@@ -286,13 +298,9 @@ def verification_photos(sizes: Sequence[tuple[int, int]], count: int) -> dict[tu
         photos = (photos * count)[:count]
     batches = {}
     for h, w in sizes:
-        crops = []
-        for photo in photos:
-            scale = max(h / photo.height, w / photo.width)
-            size = (max(w, round(photo.width * scale)), max(h, round(photo.height * scale)))
-            resized = photo.resize(size, Image.Resampling.BICUBIC)
-            left, top = (size[0] - w) // 2, (size[1] - h) // 2
-            crops.append(np.asarray(resized.crop((left, top, left + w, top + h))))
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        crops = [fit_crop(photo, side)[top : top + h, left : left + w] for photo in photos]
         stack = np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         batches[(h, w)] = np.ascontiguousarray(stack)
     return batches
@@ -400,78 +408,23 @@ def export_model_dir(
     out = Path(out)
     _check_out_dir(out)
     model = model.cpu().eval()
-    cfg = model.config
-    f, k = cfg.downsample, cfg.quantizer.num_codes
     card = dict(card or {})
-    training = {**(training or {}), **card.pop("training", {})}
-    metrics = {**(metrics or {}), **card.pop("metrics", {})}
-
+    records = {
+        "training": {**(training or {}), **card.pop("training", {})},
+        "metrics": {**(metrics or {}), **card.pop("metrics", {})},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         started = time.perf_counter()
-        save_checkpoint(tmp, model, metadata={"training": training, "source": source})
-        s = cfg.image_size
-        say(f"[1/4] exporting encoder ({'fp16 convs, ' if fp16 else ''}fp64 argmin) ...")
-        export_graph(
-            EncoderGraph(model, fp16),
-            torch.rand(2, 3, s, s),
-            tmp / ENCODER_FILE,
-            ENCODER_INPUT,
-            ENCODER_OUTPUT,
-        )
-        say("[2/4] exporting decoder ...")
-        example_tokens = torch.randint(0, k, (2, cfg.token_size, cfg.token_size))
-        export_graph(
-            DecoderGraph(model, fp16),
-            example_tokens,
-            tmp / DECODER_FILE,
-            DECODER_INPUT,
-            DECODER_OUTPUT,
-        )
-
-        say("[3/4] verifying onnxruntime against torch on real photos ...")
-        if verify_batches is None:
-            verify_batches = verification_photos(verification_sizes(s, f), VERIFY_BATCH)
-        encode, decode = _ort_runners(tmp)
-        parity = compare_to_torch(
-            model, encode, decode, verify_batches, progress=say, exact=not fp16
-        )
-        failures = parity.failures()
-        if failures and not fp16:
-            raise ExportError("onnxruntime does not reproduce torch:\n  " + "\n  ".join(failures))
-
+        save_checkpoint(tmp, model, metadata={"training": records["training"], "source": source})
+        export_graphs(model, tmp, fp16, say)
+        parity = verify_parity(model, tmp, verify_batches, fp16, say)
         say("[4/4] writing model.json ...")
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        hashes = {name: sha256_bytes((tmp / name).read_bytes()) for name in names}
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "id": model_id(f, k, hashes),
-            "image_size": cfg.image_size,
-            "downsample": f,
-            "codebook_size": k,
-            "code_dim": cfg.code_dim,
-            "precision": "fp16" if fp16 else "fp32",
-            "io": io_contract(f, k),
-            "model_config": cfg.model_dump(mode="json"),
-            "training": training,
-            "metrics": metrics,
-            "export": {
-                "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-                "git_rev": _git_rev(),
-                "command": command,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(time.perf_counter() - started, 1),
-                "parity": parity.summary(),
-            },
-            **card,
-            "files": hashes,
-        }
-        if source is not None:
-            manifest["source"] = source
+        export = {"command": command, "seconds": time.perf_counter() - started, "parity": parity}
+        manifest = build_manifest(model, tmp, fp16, records, card, export, source)
         write_bytes_atomic(tmp / MODEL_FILE, json.dumps(manifest, indent=2).encode())
         _swap_into_place(tmp, out)
     except BaseException:
@@ -479,6 +432,85 @@ def export_model_dir(
         raise
     say(f"exported {manifest['id']} to {out}")
     return ExportResult(out, manifest, parity)
+
+
+def export_graphs(model: VQVAE, folder: Path, fp16: bool, say: Progress) -> None:
+    """encoder.onnx and decoder.onnx for ``model`` into ``folder`` (steps 1 and 2 of 4)."""
+    cfg = model.config
+    s = cfg.image_size
+    say(f"[1/4] exporting encoder ({'fp16 convs, ' if fp16 else ''}fp64 argmin) ...")
+    images = torch.rand(2, 3, s, s)
+    export_graph(EncoderGraph(model, fp16), images, folder / ENCODER_FILE, ENCODER_INPUT,
+                 ENCODER_OUTPUT)  # fmt: skip
+    say("[2/4] exporting decoder ...")
+    tokens = torch.randint(0, cfg.quantizer.num_codes, (2, cfg.token_size, cfg.token_size))
+    export_graph(DecoderGraph(model, fp16), tokens, folder / DECODER_FILE, DECODER_INPUT,
+                 DECODER_OUTPUT)  # fmt: skip
+
+
+def verify_parity(
+    model: VQVAE,
+    folder: Path,
+    batches: dict[tuple, np.ndarray] | None,
+    fp16: bool,
+    say: Progress,
+) -> ParityReport:
+    """onnxruntime on the graphs in ``folder`` against torch (step 3 of 4); raises ExportError
+    when an fp32 export does not reproduce torch (fp16 agreement is only measured)."""
+    say("[3/4] verifying onnxruntime against torch on real photos ...")
+    if batches is None:
+        sizes = verification_sizes(model.config.image_size, model.config.downsample)
+        batches = verification_photos(sizes, VERIFY_BATCH)
+    encode, decode = _ort_runners(folder)
+    parity = compare_to_torch(model, encode, decode, batches, progress=say, exact=not fp16)
+    failures = parity.failures()
+    if failures and not fp16:
+        raise ExportError("onnxruntime does not reproduce torch:\n  " + "\n  ".join(failures))
+    return parity
+
+
+def build_manifest(
+    model: VQVAE,
+    folder: Path,
+    fp16: bool,
+    records: dict[str, dict[str, Any]],
+    card: dict[str, Any],
+    export: dict[str, Any],
+    source: str | None,
+) -> dict[str, Any]:
+    """model.json for the files in ``folder``: id, sha256 of each file, config, io contract,
+    the training and metrics ``records``, the ``export`` record (command, seconds, parity)."""
+    cfg = model.config
+    f, k = cfg.downsample, cfg.quantizer.num_codes
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    hashes = {name: sha256_bytes((folder / name).read_bytes()) for name in names}
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "id": model_id(f, k, hashes),
+        "image_size": cfg.image_size,
+        "downsample": f,
+        "codebook_size": k,
+        "code_dim": cfg.code_dim,
+        "precision": "fp16" if fp16 else "fp32",
+        "io": io_contract(f, k),
+        "model_config": cfg.model_dump(mode="json"),
+        "training": records["training"],
+        "metrics": records["metrics"],
+        "export": {
+            "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+            "git_rev": _git_rev(),
+            "command": export["command"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(export["seconds"], 1),
+            "parity": export["parity"].summary(),
+        },
+        **card,
+        "files": hashes,
+    }
+    if source is not None:
+        manifest["source"] = source
+    return manifest
 
 
 def _ort_runners(model_dir: Path) -> tuple[Callable, Callable]:
@@ -502,9 +534,9 @@ def _ort_runners(model_dir: Path) -> tuple[Callable, Callable]:
 def _check_out_dir(out: Path) -> None:
     # replacing a directory wholesale is only safe when it is one of ours
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory")
+        raise ExportInputError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MODEL_FILE).is_file():
-        raise ExportError(
+        raise ExportInputError(
             f"--out {out} is a non-empty directory without {MODEL_FILE}; refusing to replace it "
             "(choose a new directory or remove it)"
         )
@@ -527,9 +559,11 @@ def _read_json(path: str | None, what: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise ExportError(f"--{what} {path}: cannot read JSON: {err}") from err
+        raise ExportInputError(f"--{what} {path}: cannot read JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ExportError(f"--{what} {path}: expected a JSON object, got {type(data).__name__}")
+        raise ExportInputError(
+            f"--{what} {path}: expected a JSON object, got {type(data).__name__}"
+        )
     return data
 
 
@@ -566,7 +600,7 @@ def _git_rev() -> str | None:
     return result.stdout.strip() or None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqtok-export",
         description="Export a vqmodel checkpoint to a served model directory (ONNX + model.json).",
@@ -582,50 +616,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--triton-max-batch", type=int, default=32)
     parser.add_argument("--triton-instances", type=int, default=1)
     parser.add_argument("--triton-kind", choices=("KIND_CPU", "KIND_GPU"), default="KIND_CPU")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0; 2 with one line on stderr for a user error (a missing, unreadable or wrong
+    checkpoint, an unusable --out/--card/--metrics, the export packages not installed); 1 when
+    the export itself fails (onnxruntime does not reproduce torch)."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    command = shlex.join(["vqtok-export", *(sys.argv[1:] if argv is None else argv)])
     try:
-        checkpoint = Path(args.checkpoint)
-        if (checkpoint / "checkpoints").is_dir():
-            raise ExportError(
-                f"{checkpoint} is a training run directory; pass one of its checkpoints, e.g. "
-                f"{checkpoint / 'checkpoints' / 'best'} or {checkpoint / 'checkpoints' / 'latest'}"
-            )
-        model, _ = load_model(checkpoint)
-        training, metrics = training_record(checkpoint)
-        training.setdefault("hardware_export", platform.platform())
-        metrics.update(_read_json(args.metrics, "metrics"))
-        result = export_model_dir(
-            model,
-            args.out,
-            training=training,
-            metrics=metrics,
-            card=_read_json(args.card, "card"),
-            fp16=args.fp16,
-            source=str(checkpoint.resolve()),
-            command=shlex.join(["vqtok-export", *(sys.argv[1:] if argv is None else argv)]),
+        run(args, command)
+    except ImportError as err:
+        return user_error(
+            "vqtok-export",
+            f"error: {err}; the export needs onnx, onnxscript and onnxruntime: "
+            "pip install -e '.[export,serve]'",
         )
-        if args.fp16:
-            print(
-                f"fp16 token agreement with fp32 torch: {result.parity.token_agreement:.4%} "
-                f"({result.parity.tokens_differing} of {result.parity.tokens_total} differ)"
-            )
-        if args.triton:
-            from training.triton import write_triton_repository
-
-            repo = write_triton_repository(
-                result.path,
-                args.triton,
-                max_batch_size=args.triton_max_batch,
-                instances=args.triton_instances,
-                kind=args.triton_kind,
-            )
-            print(f"Triton model repository written to {repo}")
-    except (ExportError, ValueError, OSError) as err:
+    except (ExportInputError, CheckpointError, OSError) as err:
+        return user_error("vqtok-export", f"error: {err}")
+    except (ExportError, ValueError) as err:
         print(f"vqtok-export: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    checkpoint = Path(args.checkpoint)
+    if (checkpoint / "checkpoints").is_dir():
+        raise ExportInputError(
+            f"{checkpoint} is a training run directory; pass one of its checkpoints, e.g. "
+            f"{checkpoint / 'checkpoints' / 'best'} or {checkpoint / 'checkpoints' / 'latest'}"
+        )
+    model, _ = load_model(checkpoint)
+    training, metrics = training_record(checkpoint)
+    training.setdefault("hardware_export", platform.platform())
+    metrics.update(_read_json(args.metrics, "metrics"))
+    result = export_model_dir(
+        model,
+        args.out,
+        training=training,
+        metrics=metrics,
+        card=_read_json(args.card, "card"),
+        fp16=args.fp16,
+        source=str(checkpoint.resolve()),
+        command=command,
+    )
+    if args.fp16:
+        print(
+            f"fp16 token agreement with fp32 torch: {result.parity.token_agreement:.4%} "
+            f"({result.parity.tokens_differing} of {result.parity.tokens_total} differ)"
+        )
+    if args.triton:
+        from training.triton import write_triton_repository
+
+        repo = write_triton_repository(
+            result.path,
+            args.triton,
+            max_batch_size=args.triton_max_batch,
+            instances=args.triton_instances,
+            kind=args.triton_kind,
+        )
+        print(f"Triton model repository written to {repo}")
 
 
 if __name__ == "__main__":

@@ -8,33 +8,38 @@ Modes (``TrainConfig.mode``):
   inplace      the quantizer's in-place codebook step runs inside its forward (own optimizer)
 
 Runs on 1 process or N under torchrun with the same code (training/ddp.py); only rank 0 writes
-the run directory (training/run_dir.py). SIGINT/SIGTERM and ``time_limit_s`` end the run after the
-current step with a checkpoint; ``resume=True`` continues exactly from the newest checkpoint.
+the run directory (training/run_dir.py) and the logs (training/train_log.py); the batches come
+from training/data/stream.py. SIGINT/SIGTERM and ``time_limit_s`` end the run after the current
+step with a checkpoint; ``resume=True`` continues exactly from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm import tqdm
 
+from service.images import psnr_from_mse
 from training import ddp
 from training.config import ConfigError, OptimConfig, TrainConfig
-from training.data import build_patch_bank, make_patch_loader
+from training.data.stream import PatchStream, patch_stream
 from training.run_dir import RunDir
-from vqmodel import UsageAccumulator, capture_rng_state, load_model, restore_rng_state
+from training.train_log import TrainLog, Window
+from vqmodel import capture_rng_state, load_model, restore_rng_state
 from vqmodel.vqvae import VQVAE
 
 
@@ -42,200 +47,164 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Train ``config`` and return a summary: step, final metrics, run dir, last and best
     checkpoint paths, mean seconds per step, and why it stopped (completed | signal | time_limit).
     """
-    cfg = config
-    started = time.monotonic()
+    cfg, started = config, time.monotonic()
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # on a shared CPU fewer threads can be much faster
     runtime = ddp.setup(cfg.device)
     device, is_main = runtime.device, runtime.is_main
-    run = RunDir(cfg.out_dir)
-    stop = StopRequest()
-    writer = bar = None
+    run, stop, log = RunDir(cfg.out_dir), StopRequest(), None
     try:
         run.check(cfg, resume)  # on every rank, so a refusal stops them all
         ddp.barrier()
         if is_main:
             run.write_config(cfg)
-
-        # -- model and optimisers ---------------------------------------------------------------
-        torch.manual_seed(cfg.seed)
-        model = VQVAE(cfg.model).to(device).train()
-        ddp.broadcast_module_(model)
-        quantizer, beta = model.quantizer, cfg.model.quantizer.beta
-        optimizer, codebook_optimizer = build_optimizers(model, cfg)
-        optimizers = [o for o in (optimizer, codebook_optimizer) if o is not None]
-        lr_lambda = partial(lr_factor, optim=cfg.optim, total_steps=cfg.steps)
-        schedulers = [LambdaLR(o, lr_lambda) for o in optimizers]
-        # dead-code replacement and k-means init reset the per-code state of whoever owns C
-        quantizer.attach_optimizer(codebook_optimizer or optimizer)
-        model_params = [p for group in optimizer.param_groups for p in group["params"]]
-        encode, decode = model.encode_features, model.decode_features
-        if cfg.compile:
-            encode, decode = torch.compile(encode), torch.compile(decode)
-        autocast = (
-            partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-            if cfg.amp and device.type == "cuda"
-            else nullcontext
-        )
-
-        # -- data: rank 0 builds the cached patch bank, the others then map the same file --------
-        bank = None
-        for builder in (True, False):
-            if is_main == builder:
-                bank = build_patch_bank(
-                    cfg.data.source,
-                    patch_size=cfg.data.patch_size,
-                    count=cfg.data.bank_size,
-                    seed=cfg.data.seed,
-                    short_side=cfg.data.short_side,
-                    cache_dir=cfg.data.cache_dir,
-                    progress=progress and is_main,
-                )
-            ddp.barrier()
-        batches = PatchStream(bank, cfg, runtime.world_size)
-
-        # -- resume -----------------------------------------------------------------------------
-        step, best_recon, window = 0, math.inf, Window(cfg.model.quantizer.num_codes)
-        wall_before = 0.0  # wall time of the earlier invocations of a resumed run
-        found = run.resumable_checkpoint() if resume else None
-        if found is not None:
-            path, state = found
-            loaded, _ = load_model(path, map_location=device)
-            model.load_state_dict(loaded.state_dict())
-            restore_training_state(state, model, optimizers, schedulers, batches, window, device)
-            step, best_recon = int(state["step"]), float(state["best_recon"])
-            wall_before = float(state.get("wall_s", 0.0))  # absent before 2026-11-27 03:40
+        parts = build_parts(cfg, device)
+        batches = patch_stream(cfg.data, runtime, progress)
+        state = RunState(window=Window(cfg.model.quantizer.num_codes))
+        if resume:
+            resume_from_checkpoint(run, state, parts, batches, cfg, is_main)
         if is_main:
-            run.truncate_metrics_after(step)  # drop what the interrupted run logged after it
-        if is_main and step:
-            print(f"resumed {cfg.out_dir} at step {step} from {found[0]}", flush=True)
-
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events an interrupted run wrote after its last checkpoint
-            writer = SummaryWriter(str(run.tb_dir), purge_step=step + 1)
-        bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), unit="step")
+            run.truncate_metrics_after(state.step)  # drop what the interrupted run logged after it
+        log = TrainLog(run, cfg.steps, state.step, writes=is_main, progress=progress)
         stop.install()
-        last_ckpt, best_ckpt, record = None, None, None
-        stopped, seconds_total, steps_run = "completed", 0.0, 0
 
-        # -- the loop ---------------------------------------------------------------------------
-        while step < cfg.steps:
+        while state.step < cfg.steps:
             t0 = time.perf_counter()
             x = next(batches).to(device, non_blocking=True)
-
-            with autocast():
-                z = encode(x)
-                if cfg.mode == "alternating":
-                    # Two-pass alternating optimisation, z = E(x) computed once:
-                    # (1) C, A <- AdamW step on  beta * mean||sg(z) - A(C)_q||^2
-                    # (2) re-assign q with the UPDATED A(C), then E, D <- AdamW step on
-                    #     recon(D(q), x) + alpha * (1 - beta) * mean||z - sg(q)||^2
-                    # (the codebook term is (1)'s alone; the sync term's nu x task gradient
-                    # lands on C and is applied with the next (1))
-                    quantizer.codebook_step(z, codebook_optimizer)
-                z_q, info = quantizer(z)  # inplace mode: the codebook step happens in here
-                x_hat = decode(z_q)
-            recon = reconstruction_loss(x_hat.float(), x, cfg.loss)
-            vq = info["loss"] if cfg.mode != "alternating" else (1 - beta) * info["loss_commitment"]
-            loss = recon + cfg.alpha * vq.float()
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ddp.all_reduce_gradients_(model_params)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model_params, cfg.optim.grad_clip)
-                if cfg.optim.grad_clip > 0
-                else None
-            )
-            optimizer.step()
-            lr = schedulers[0].get_last_lr()[0]  # the rate this step used
-            for scheduler in schedulers:
-                scheduler.step()
-            step += 1
-
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; lower optim.lr or raise "
-                    f"optim.warmup_steps, then --resume from the last checkpoint"
-                )
-            psnr = batch_psnr(x_hat.detach().float(), x)
+            out = train_step(parts, x, cfg, state.step + 1)
+            state.step = step = state.step + 1
+            psnr = batch_psnr(out.x_hat, x)
             seconds = time.perf_counter() - t0
-            seconds_total, steps_run = seconds_total + seconds, steps_run + 1
-            window.add(loss, recon, vq, info["indices"], psnr, seconds)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}", usage=info["usage"])
+            state.seconds_total += seconds
+            state.steps_run += 1
+            state.window.add(out.loss, out.recon, out.vq, out.info["indices"], psnr, seconds)
+            log.step(out.loss, psnr, out.info["usage"])
 
             # -- log, images, checkpoints (every rank joins the all-reduces; rank 0 writes) -------
             if step % cfg.log_every == 0 or step == cfg.steps:
-                record = window.summary(step, device)
-                record["lr"] = lr
-                window.reset()
-                if is_main:
-                    run.append_metrics(record)
-                    log_scalars(writer, record, model, grad_norm, codebook_optimizer)
-                    if record["recon"] < best_recon:
-                        best_recon = record["recon"]
-                        best_ckpt = run.save_best(model, {"step": step, "train_recon": best_recon})
-            if is_main and cfg.image_every and step % cfg.image_every == 0:
-                writer.add_image("reconstruction", image_grid(x, x_hat), step)
-
+                end_log_window(state, out, parts, run, log, device)
+            if cfg.image_every and step % cfg.image_every == 0:
+                log.image(x, out.x_hat, step)
             stop_now = ddp.any_rank(stop.requested or stop.time_up(started, cfg), device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
-                wall_s = wall_before + time.monotonic() - started
-                state = training_state(
-                    step, best_recon, model, optimizers, schedulers, batches, window
-                )
-                state["wall_s"] = wall_s
-                digests = ddp.digests_by_rank(model, device)
-                if len(set(digests)) > 1:
-                    warnings.warn(f"ranks hold different weights: {digests}", stacklevel=1)
-                if is_main:
-                    meta = {
-                        "step": step,
-                        "mode": cfg.mode,
-                        "wall_s": round(wall_s, 1),
-                        "device": device_name(device),
-                        "world_size": runtime.world_size,
-                        "torch": torch.__version__,
-                        "command": " ".join(sys.argv),
-                        "rank_digests": digests,
-                    }
-                    last_ckpt = run.save_step(step, model, state, meta, cfg.keep_last)
+                save_step_checkpoint(state, parts, batches, run, cfg, runtime, started)
             if stop_now:
-                stopped = "signal" if stop.requested else "time_limit"
+                state.stopped = "signal" if stop.requested else "time_limit"
                 break
-
-        if best_ckpt is None and run.best.exists():
-            best_ckpt = run.best
-        if last_ckpt is None and run.latest.exists():
-            last_ckpt = run.latest.resolve()
-        return {
-            "step": step,
-            "metrics": record,
-            "run_dir": str(run.root),
-            "last_checkpoint": str(last_ckpt) if last_ckpt else None,
-            "best_checkpoint": str(best_ckpt) if best_ckpt else None,
-            "sec_per_step": seconds_total / steps_run if steps_run else None,
-            "wall_s": wall_before + time.monotonic() - started,
-            "stopped": stopped,
-            "signal": stop.signum,
-            "rank": runtime.rank,
-            "world_size": runtime.world_size,
-        }
+        return run_summary(state, run, stop, runtime, started)
     finally:
         torch.set_num_threads(threads_before)
         stop.restore()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+        if log is not None:
+            log.close()
         ddp.teardown()
 
 
-# -- optimisers and schedule -----------------------------------------------------------------------
+# -- the step --------------------------------------------------------------------------------------
+@dataclass
+class TrainParts:
+    """The model and everything that updates it."""
+
+    model: VQVAE
+    optimizer: torch.optim.Optimizer  # encoder + decoder (+ codebook unless alternating)
+    codebook_optimizer: torch.optim.Optimizer | None  # alternating mode's step (1)
+    schedulers: list[LambdaLR]
+    encode: Callable[[Tensor], Tensor]  # torch.compile'd with cfg.compile
+    decode: Callable[[Tensor], Tensor]
+    autocast: Callable[[], AbstractContextManager[Any]]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.optimizer, self.codebook_optimizer) if o is not None]
+
+    @property
+    def model_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class StepResult:
+    loss: Tensor
+    recon: Tensor
+    vq: Tensor
+    x_hat: Tensor  # detached, float32
+    info: dict[str, Any]  # the quantizer's (indices, usage, ...)
+    grad_norm: Tensor | None
+    lr: float  # the rate this step used
+
+
+# One step, z = E(x) computed once; q = the nearest code of z in the effective codebook A(C):
+#   alternating  (1) C, A <- AdamW step on  beta * mean||sg(z) - A(C)_q||^2
+#                (2) re-assign q with the UPDATED A(C), then E, D <- AdamW step on
+#                    recon(D(q), x) + alpha * (1 - beta) * mean||z - sg(q)||^2
+#                (the codebook term is (1)'s alone; the sync term's nu x task gradient lands on C
+#                and is applied with the next (1))
+#   standard     E, D, C, A <- one AdamW step on  recon(D(q), x) + alpha * L_vq
+#   inplace      C's step runs inside the quantizer's forward; E, D <- recon + alpha * L_vq
+# Nothing is stepped on a NaN/inf: z is checked before any codebook update (step (1), k-means,
+# dead-code replacement all write z into C), the loss and gradients before the model step.
+def train_step(parts: TrainParts, x: Tensor, cfg: TrainConfig, step: int) -> StepResult:
+    quantizer, beta = parts.model.quantizer, cfg.model.quantizer.beta
+    with parts.autocast():
+        z = parts.encode(x)
+        check_finite("the encoder output", z, step)
+        if cfg.mode == "alternating":
+            quantizer.codebook_step(z, parts.codebook_optimizer)  # (1)
+        z_q, info = quantizer(z)  # (2); in inplace mode the codebook step happens in here
+        x_hat = parts.decode(z_q)
+    recon = reconstruction_loss(x_hat.float(), x, cfg.loss)
+    vq = (1 - beta) * info["loss_commitment"] if cfg.mode == "alternating" else info["loss"]
+    loss = recon + cfg.alpha * vq.float()
+
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ddp.all_reduce_gradients_(parts.model_params)
+    check_finite("loss", loss, step)
+    grad_norm = None
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parts.model_params, cfg.optim.grad_clip)
+        check_finite("the gradient norm", grad_norm, step)  # equal on every rank
+    parts.optimizer.step()
+    lr = parts.schedulers[0].get_last_lr()[0]
+    for scheduler in parts.schedulers:
+        scheduler.step()
+    return StepResult(loss, recon, vq, x_hat.detach().float(), info, grad_norm, lr)
+
+
+def check_finite(what: str, value: Tensor, step: int) -> None:
+    """Raise FloatingPointError if ``value`` holds a NaN or an infinity (before any update)."""
+    if bool(torch.isfinite(value).all()):
+        return
+    shown = value.item() if value.numel() == 1 else "not finite"
+    raise FloatingPointError(
+        f"{what} is {shown} at step {step}; lower optim.lr or raise optim.warmup_steps, "
+        "then --resume from the last checkpoint"
+    )
+
+
+# -- model, optimisers and schedule ----------------------------------------------------------------
+def build_parts(cfg: TrainConfig, device: torch.device) -> TrainParts:
+    """The model (seeded, the same on every rank), its optimisers and their schedules."""
+    torch.manual_seed(cfg.seed)
+    model = VQVAE(cfg.model).to(device).train()
+    ddp.broadcast_module_(model)
+    optimizer, codebook_optimizer = build_optimizers(model, cfg)
+    lr_lambda = partial(lr_factor, optim=cfg.optim, total_steps=cfg.steps)
+    schedulers = [LambdaLR(o, lr_lambda) for o in (optimizer, codebook_optimizer) if o is not None]
+    # dead-code replacement and k-means init reset the per-code state of whoever owns C
+    model.quantizer.attach_optimizer(codebook_optimizer or optimizer)
+    encode, decode = model.encode_features, model.decode_features
+    if cfg.compile:
+        encode, decode = torch.compile(encode), torch.compile(decode)
+    autocast = (
+        partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        if cfg.amp and device.type == "cuda"
+        else nullcontext
+    )
+    return TrainParts(model, optimizer, codebook_optimizer, schedulers, encode, decode, autocast)
+
+
 def build_optimizers(
     model: VQVAE, cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
@@ -280,157 +249,168 @@ def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> torc
 
 
 def batch_psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
-    """Mean over images of 10 log10(1 / MSE) (data range 1)."""
+    """Mean over images of each image's PSNR (``service.images.psnr_from_mse``); an exact image
+    counts as 100 dB (MSE floored at 1e-10) so one cannot make the window's mean infinite."""
     mse = (x_hat.clamp(0, 1) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((-10.0 * torch.log10(mse)).mean())
+    return statistics.fmean(psnr_from_mse(value) for value in mse.tolist())
 
 
-class Window:
-    """Sums over the steps since the last log line; usage from a UsageAccumulator over all of them
-    (whole-window numbers, not one batch's), averaged / summed over ranks when logged."""
+# -- the run's progress, checkpoints and summary ---------------------------------------------------
+@dataclass
+class RunState:
+    """Where the run is: what the loop carries from step to step (besides the model)."""
 
-    KEYS = ("loss", "recon", "vq", "psnr")
-
-    def __init__(self, num_codes: int) -> None:
-        self.usage = UsageAccumulator(num_codes)
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64)
-        self.steps, self.seconds = 0, 0.0
-        self.usage.reset()
-
-    def add(
-        self, loss: Tensor, recon: Tensor, vq: Tensor, indices: Tensor, psnr: float, sec: float
-    ) -> None:
-        values = [loss.item(), recon.item(), vq.item(), psnr]
-        self.sums += torch.tensor(values, dtype=torch.float64)
-        self.steps += 1
-        self.seconds += sec
-        self.usage.update(indices)
-
-    def summary(self, step: int, device: torch.device) -> dict[str, Any]:
-        """The metrics.jsonl line (without lr): means over ranks and steps, pooled usage."""
-        totals = torch.cat([self.sums, torch.tensor([self.steps, self.seconds])]).to(device)
-        totals = ddp.all_reduce_sum_(totals).cpu()
-        counts = ddp.all_reduce_sum_(self.usage.counts.to(device)).cpu()
-        pooled = UsageAccumulator(self.usage.num_codes)
-        pooled.counts = counts
-        n = max(1.0, float(totals[-2]))
-        record: dict[str, Any] = {"step": step, "split": "train"}
-        record.update({k: float(totals[i]) / n for i, k in enumerate(self.KEYS)})
-        record.update(pooled.summary())
-        record["sec_per_step"] = float(totals[-1]) / n
-        return record
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums.clone(), "steps": self.steps, "seconds": self.seconds,
-                "usage": self.usage.state_dict()}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = state["sums"].clone().double()
-        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
-        self.usage.load_state_dict(state["usage"])
+    window: Window
+    step: int = 0
+    best_recon: float = math.inf
+    wall_before: float = 0.0  # wall time of the earlier invocations of a resumed run
+    seconds_total: float = 0.0  # in the steps of this invocation
+    steps_run: int = 0
+    record: dict[str, Any] | None = None  # the last metrics.jsonl line
+    last_ckpt: Path | None = None
+    best_ckpt: Path | None = None
+    stopped: str = "completed"  # | "signal" | "time_limit"
 
 
-# -- data ------------------------------------------------------------------------------------------
-class PatchStream:
-    """Endless batches of the patch bank. Epoch e reads a fresh loader seeded by (data.seed, e),
-    so the position (epoch, batches read) is all a resumed run needs to continue exactly."""
+def end_log_window(
+    state: RunState, out: StepResult, parts: TrainParts, run: RunDir, log: TrainLog, device: Any
+) -> None:
+    """The window's metrics line (all ranks reduce it; rank 0 writes it and, when its recon loss
+    is the lowest so far, the best checkpoint)."""
+    record = state.window.summary(state.step, device)
+    record["lr"] = out.lr
+    state.window.reset()
+    state.record = record
+    if not log.writes:
+        return
+    log.window(record, parts.model, out.grad_norm, parts.codebook_optimizer)
+    if record["recon"] < state.best_recon:
+        state.best_recon = record["recon"]
+        metadata = {"step": state.step, "train_recon": state.best_recon}
+        state.best_ckpt = run.save_best(parts.model, metadata)
 
-    def __init__(self, bank: np.ndarray, cfg: TrainConfig, world_size: int) -> None:
-        per_rank = len(bank) // world_size
-        if per_rank < cfg.data.batch_size:
-            raise ConfigError(
-                f"data.bank_size={len(bank)} gives {per_rank} patches per process, fewer than "
-                f"data.batch_size={cfg.data.batch_size}: no full batch per epoch"
-            )
-        self.bank, self.data = bank, cfg.data
-        self.epoch, self.batch = 0, 0
-        self._batches = None
 
-    def __next__(self) -> torch.Tensor:
-        if self._batches is None:
-            seed = int(np.random.SeedSequence([self.data.seed, self.epoch]).generate_state(1)[0])
-            loader = make_patch_loader(
-                self.bank, batch_size=self.data.batch_size, seed=seed, num_workers=self.data.workers
-            )
-            self._batches = iter(loader)
-            for _ in range(self.batch):  # resuming mid-epoch: skip what was already trained on
-                next(self._batches)
-        try:
-            x = next(self._batches)
-        except StopIteration:
-            self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
-            return next(self)
-        self.batch += 1
-        return x
+def save_step_checkpoint(
+    state: RunState,
+    parts: TrainParts,
+    batches: PatchStream,
+    run: RunDir,
+    cfg: TrainConfig,
+    runtime: ddp.Runtime,
+    started: float,
+) -> None:
+    """``checkpoints/step_N`` with everything a resume needs (every rank compares weights)."""
+    wall_s = state.wall_before + time.monotonic() - started
+    training = training_state(state, parts, batches)
+    training["wall_s"] = wall_s
+    digests = ddp.digests_by_rank(parts.model, runtime.device)
+    if len(set(digests)) > 1:
+        warnings.warn(f"ranks hold different weights: {digests}", stacklevel=2)
+    if not runtime.is_main:
+        return
+    meta = {
+        "step": state.step,
+        "mode": cfg.mode,
+        "wall_s": round(wall_s, 1),
+        "device": device_name(runtime.device),
+        "world_size": runtime.world_size,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "rank_digests": digests,
+    }
+    state.last_ckpt = run.save_step(state.step, parts.model, training, meta, cfg.keep_last)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch, self._batches = int(state["epoch"]), int(state["batch"]), None
+def run_summary(
+    state: RunState, run: RunDir, stop: StopRequest, runtime: ddp.Runtime, started: float
+) -> dict[str, Any]:
+    best = state.best_ckpt or (run.best if run.best.exists() else None)
+    last = state.last_ckpt or (run.latest.resolve() if run.latest.exists() else None)
+    return {
+        "step": state.step,
+        "metrics": state.record,
+        "run_dir": str(run.root),
+        "last_checkpoint": str(last) if last else None,
+        "best_checkpoint": str(best) if best else None,
+        "sec_per_step": state.seconds_total / state.steps_run if state.steps_run else None,
+        "wall_s": state.wall_before + time.monotonic() - started,
+        "stopped": state.stopped,
+        "signal": stop.signum,
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+    }
 
 
 # -- checkpoint state ------------------------------------------------------------------------------
-def training_state(
-    step: int,
-    best_recon: float,
-    model: VQVAE,
-    optimizers: list[torch.optim.Optimizer],
-    schedulers: list[LambdaLR],
-    batches: PatchStream,
-    window: Window,
-) -> dict[str, Any]:
+def training_state(state: RunState, parts: TrainParts, batches: PatchStream) -> dict[str, Any]:
     """Everything besides the weights (and buffers) that a run needs to continue exactly."""
-    books = list(model.quantizer.codebooks)
+    model = parts.model
     return {
-        "step": step,
-        "best_recon": best_recon,
-        "optimizers": [o.state_dict() for o in optimizers],
-        "schedulers": [s.state_dict() for s in schedulers],
+        "step": state.step,
+        "best_recon": state.best_recon,
+        "optimizers": [o.state_dict() for o in parts.optimizers],
+        "schedulers": [s.state_dict() for s in parts.schedulers],
         # the in-place mode's per-codebook optimizers, and k-means samples still being collected
         "inner_optimizers": [b.inner_optimizer.state_dict() if b.inner_optimizer else {}
-                             for b in books],
-        "kmeans_samples": [[s.cpu() for s in b._kmeans_samples] for b in books],
+                             for b in model.quantizer.codebooks],
+        "kmeans_samples": kmeans_samples(model),
         # alternating mode: the sync gradient waiting on the codebook for the next step (1)
         "codebook_grads": [p.grad for p in model.quantizer.codebook_parameters()],
         "data": batches.state_dict(),
-        "window": window.state_dict(),
+        "window": state.window.state_dict(),
         "rng": capture_rng_state(),
     }  # fmt: skip
 
 
-def restore_training_state(
-    state: dict[str, Any],
-    model: VQVAE,
-    optimizers: list[torch.optim.Optimizer],
-    schedulers: list[LambdaLR],
+def resume_from_checkpoint(
+    run: RunDir,
+    state: RunState,
+    parts: TrainParts,
     batches: PatchStream,
-    window: Window,
-    device: torch.device,
+    cfg: TrainConfig,
+    is_main: bool,
 ) -> None:
-    if len(state["optimizers"]) != len(optimizers):
+    """Load the newest verified checkpoint's weights and training state (nothing if none)."""
+    found = run.resumable_checkpoint()
+    if found is None:
+        return
+    path, saved = found
+    device = next(parts.model.parameters()).device
+    loaded, _ = load_model(path, map_location=device)
+    parts.model.load_state_dict(loaded.state_dict())
+    if len(saved["optimizers"]) != len(parts.optimizers):
         raise ConfigError(
-            f"mode: the checkpoint holds {len(state['optimizers'])} optimizer(s), this mode uses "
-            f"{len(optimizers)}; resume with the mode the run was started with"
+            f"mode: the checkpoint holds {len(saved['optimizers'])} optimizer(s), this mode uses "
+            f"{len(parts.optimizers)}; resume with the mode the run was started with"
         )
-    for obj, saved in zip(optimizers, state["optimizers"]):
-        obj.load_state_dict(saved)
-    for obj, saved in zip(schedulers, state["schedulers"]):
-        obj.load_state_dict(saved)
-    for book, inner, samples in zip(
-        model.quantizer.codebooks, state["inner_optimizers"], state["kmeans_samples"]
-    ):
+    for optimizer, value in zip(parts.optimizers, saved["optimizers"]):
+        optimizer.load_state_dict(value)
+    for scheduler, value in zip(parts.schedulers, saved["schedulers"]):
+        scheduler.load_state_dict(value)
+    books = parts.model.quantizer.codebooks
+    for book, inner in zip(books, saved["inner_optimizers"]):
         if book.inner_optimizer is not None and inner:
             book.inner_optimizer.load_state_dict(inner)
-        book._kmeans_samples = [s.to(device) for s in samples]
-    for param, grad in zip(model.quantizer.codebook_parameters(), state["codebook_grads"]):
+    set_kmeans_samples(parts.model, saved["kmeans_samples"])
+    for param, grad in zip(parts.model.quantizer.codebook_parameters(), saved["codebook_grads"]):
         param.grad = None if grad is None else grad.to(device)
-    batches.load_state_dict(state["data"])
-    window.load_state_dict(state["window"])
-    restore_rng_state(state["rng"])
+    batches.load_state_dict(saved["data"])
+    state.window.load_state_dict(saved["window"])
+    restore_rng_state(saved["rng"])
+    state.step, state.best_recon = int(saved["step"]), float(saved["best_recon"])
+    state.wall_before = float(saved.get("wall_s", 0.0))  # older checkpoints have none
+    if is_main:
+        print(f"resumed {cfg.out_dir} at step {state.step} from {path}", flush=True)
+
+
+def kmeans_samples(model: VQVAE) -> list[list[Tensor]]:
+    """The k-means samples each codebook is still collecting (CPU copies, for the checkpoint)."""
+    return [book.kmeans_state() for book in model.quantizer.codebooks]
+
+
+def set_kmeans_samples(model: VQVAE, samples: list[list[Tensor]]) -> None:
+    for book, saved in zip(model.quantizer.codebooks, samples):
+        book.load_kmeans_state(saved)  # moves them to the codebook's device
 
 
 # -- stopping --------------------------------------------------------------------------------------
@@ -474,39 +454,3 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-# -- TensorBoard -----------------------------------------------------------------------------------
-def log_scalars(
-    writer: Any,
-    record: dict[str, Any],
-    model: VQVAE,
-    grad_norm: torch.Tensor | None,
-    codebook_optimizer: torch.optim.Optimizer | None,
-) -> None:
-    step = record["step"]
-    for key in ("loss", "recon", "vq", "psnr"):
-        writer.add_scalar(f"train/{key}", record[key], step)
-    for key in ("usage", "perplexity", "dead_codes"):
-        writer.add_scalar(f"codebook/{key}", record[key], step)
-    writer.add_scalar("optim/lr", record["lr"], step)
-    writer.add_scalar("optim/sec_per_step", record["sec_per_step"], step)
-    if grad_norm is not None:
-        writer.add_scalar("optim/grad_norm", float(grad_norm), step)
-    if codebook_optimizer is not None:
-        writer.add_scalar("optim/codebook_lr", codebook_optimizer.param_groups[0]["lr"], step)
-    for i, book in enumerate(model.quantizer.codebooks):
-        params = book.affine.scale_and_bias()
-        if params is None:
-            continue
-        scale, bias = (t.detach().float() for t in params)
-        for name, value in (("scale", scale), ("bias", bias)):
-            writer.add_scalar(f"affine/{i}/{name}_mean", float(value.mean()), step)
-            writer.add_scalar(f"affine/{i}/{name}_std", float(value.std(unbiased=False)), step)
-
-
-def image_grid(x: torch.Tensor, x_hat: torch.Tensor, count: int = 8) -> torch.Tensor:
-    """[3, 2H, n*W]: n originals on top, their reconstructions below."""
-    top = torch.cat(list(x[:count].detach().float().cpu()), dim=2)
-    bottom = torch.cat(list(x_hat[:count].detach().float().clamp(0, 1).cpu()), dim=2)
-    return torch.cat([top, bottom], dim=1)

@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from service.images import psnr_from_mse
+
 # fixed so that error maps of different models compare by eye; errors above it saturate
 ERROR_VMAX = 0.25
 CURVE_KEYS = (
@@ -54,8 +56,7 @@ def reconstruction_grid(
     image = None
     for row, (name, original, reconstruction) in enumerate(samples):
         error = np.abs(original - reconstruction).mean(axis=0)
-        mse = float(((original - reconstruction) ** 2).mean())
-        psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+        psnr = psnr_from_mse(float(((original - reconstruction) ** 2).mean()))
         panels = (
             (
                 original.transpose(1, 2, 0),

@@ -12,7 +12,7 @@ from service_fakes import FakeEngine, bomb_png, gradient_image, make_client, png
 
 from service.admission import Limits, MemoryBudget, ModelGeometry, admit_uploads
 from service.cpu import cpu_quota
-from service.errors import Problem
+from service.problems import Problem
 
 MODEL = ModelGeometry(native_size=32, downsample=8, engine_bytes_per_pixel=700)
 LIMITS = Limits(

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from service_fakes import bomb_png, decode_upload, gradient_image, png_bytes
 
-from service.errors import Problem
 from service.images import encode_png, psnr_db
+from service.problems import Problem
 
 POLICY = {"native_size": 32, "downsample": 8, "max_pixels": 1_000_000}
 

@@ -42,6 +42,7 @@ def tiny_spec(cache_dir: Path) -> dict[str, Any]:
             "device": "cpu",
         },
         "eval": {"data": "pip-photos", "limit": 1},
+        "pairs": [["full", "baseline"]],
         "rows": {
             "baseline": {"label": "baseline", "overrides": {}},
             "full": {
@@ -100,6 +101,7 @@ def test_two_rows_write_table_and_json_then_rerun_skips_them(
     table = (out / "table.md").read_text()
     assert "| baseline |" in table and "| full |" in table
     assert "full / baseline perplexity ≥ 20×" in table  # the targets are checked
+    assert "full MSE < baseline MSE" in table  # and the configured pair
 
     # re-run: nothing trains again, the results are untouched
     before = (out / "results.json").read_text()
@@ -115,7 +117,10 @@ def test_two_rows_write_table_and_json_then_rerun_skips_them(
 
 
 def test_seeds_repeat_rows_reuse_the_plain_run_and_report_means(
-    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     calls = counting_train(monkeypatch)
@@ -146,11 +151,12 @@ def test_seeds_repeat_rows_reuse_the_plain_run_and_report_means(
     assert calls == [3, 3, 3]
     results = json.loads((out / "results.json").read_text())
     assert results["rows"]["full"]["config"]["model"]["code_dim"] == 8
-    with pytest.raises(SystemExit, match=r"model\.code_dimm: unknown key"):
-        main([*argv, "--rows", "full", "--set", "model.code_dimm=8"])
+    capsys.readouterr()
+    assert main([*argv, "--rows", "full", "--set", "model.code_dimm=8"]) == 2
+    assert "model.code_dimm: unknown key" in capsys.readouterr().err
     assert calls == [3, 3, 3]
-    with pytest.raises(SystemExit, match="--seeds must be comma-separated integers"):
-        main([*argv, "--seeds", "1,x"])
+    assert main([*argv, "--seeds", "1,x"]) == 2
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
 
 
 def test_seed_table_keeps_runs_that_share_a_model_seed_apart() -> None:
@@ -238,3 +244,55 @@ def test_shipped_config_rows_differ_from_baseline_only_in_their_technique() -> N
     for config in configs.values():  # same data, steps, seed, architecture
         assert (config.data, config.steps, config.seed) == (base.data, base.steps, base.seed)
         assert config.model.widths == base.model.widths
+
+
+def test_report_follows_the_configured_rows_and_pairs() -> None:
+    # no row is called baseline or full: the first row is the baseline, the pairs name the rest
+    def run(label: str, mse: float, usage: float, perplexity: float) -> dict[str, Any]:
+        metrics = {"mse": mse, "psnr": 20.0, "ssim": 0.5, "usage": usage, "perplexity": perplexity}
+        window = {"recon": mse, "psnr": 20.0, "usage": usage, "perplexity": perplexity}
+        extra = {"dead_codes": 0, "sec_per_step": 0.1, "final_train_metrics": window}
+        return {**metrics, **extra, "label": label, "config": {"seed": 0, "data": {"seed": 0}}}
+
+    results = {
+        "rows": {
+            "toolkit": run("the toolkit", 2e-3, 0.9, 300.0),
+            "plain": run("plain STE", 1e-2, 0.05, 10.0),
+            "kmeans": run("k-means only", 3e-3, 0.8, 250.0),
+        },
+        "order": ["plain", "toolkit", "kmeans"],
+        "pairs": [["toolkit", "kmeans"]],
+        "eval": {"data": "pip-photos"},
+    }
+    native = ablation.results_table(results).split("Last training log window")[0]
+    assert native.index("| plain STE |") < native.index("| the toolkit |")  # config order
+    assert "| the toolkit | 2.000e-03 |" in native and "| 0.20× | 30.0× |" in native
+    assert "| toolkit / plain perplexity ≥ 20× | 30.0× | yes |" in native
+    assert "| toolkit / plain MSE ≤ 0.6× | 0.20× | yes |" in native
+    assert "| toolkit MSE < kmeans MSE | 0.667× | yes |" in native
+    assert "| toolkit usage > kmeans usage | 90.0% vs 80.0% | yes |" in native
+    assert "kmeans / plain" not in native  # a reference row has no headline target
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = counting_train(monkeypatch)
+    out = ["--out", str(tmp_path / "out"), "--no-progress"]
+    spec = tiny_spec(tmp_path)
+    spec["eval"]["data"] = f"folder:{tmp_path / 'none'}"
+    no_eval_data = tmp_path / "no-eval-data.yaml"
+    no_eval_data.write_text(yaml.safe_dump(spec))
+    for argv, message in (
+        (["--config", str(tmp_path / "nope.yaml")], "cannot read ablation config"),
+        (["--config", str(no_eval_data)], f"eval.data='folder:{tmp_path / 'none'}': image folder"),
+        (["--config", str(config_file), "--steps", "0"], "--steps must be >= 1, got 0"),
+    ):
+        assert main([*argv, *out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vqtok-ablation: ") and err.count("\n") == 1, err
+        assert message in err
+    assert calls == []

@@ -24,6 +24,7 @@ TINY = REPO / "training" / "configs" / "tiny.yaml"
         ("data.patch_size=10", "data.patch_size"),
         ("optim.lr=fast", "optim.lr"),
         ("optim.warmup=5", "optim.warmup"),
+        ("model.quantizer.residual_stages=2", "model.quantizer.residual_stages"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key_before_any_work(
@@ -62,3 +63,39 @@ def test_module_entry_point_shows_help() -> None:
     )  # fmt: skip
     assert result.returncode == 0
     assert "--resume" in result.stdout and "key=value" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("debian-photos", "not installed; install with: sudo apt-get install lomiri-wallpapers"),
+        ("folder:{tmp}/none", "image folder {tmp}/none does not exist"),
+        ("flickr", "unknown image source 'flickr'; valid sources: folder:<path>, pip-photos"),
+    ],
+)
+def test_missing_or_unknown_data_source_exits_2_in_one_line(
+    source: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as on a machine without the Debian photo packages: dpkg lists none of their files
+    monkeypatch.setattr("training.data.photos._package_photos", lambda package, info_dir: [])
+    spec = source.format(tmp=tmp_path)
+    overrides = [f"out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path}", f"data.source={spec}"]
+    assert main(["--config", str(TINY), "--no-progress", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vqtok-train: data.source={spec!r}: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_diverged_run_ends_in_one_line_with_status_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def diverge(*args: object, **kwargs: object) -> None:
+        raise FloatingPointError("loss is nan at step 7; lower optim.lr")
+
+    monkeypatch.setattr("training.loop.train", diverge)
+    assert main(["--config", str(TINY)]) == 1
+    assert capsys.readouterr().err == "vqtok-train: loss is nan at step 7; lower optim.lr\n"

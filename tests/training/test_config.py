@@ -54,6 +54,9 @@ def test_overrides_use_dotted_keys_and_yaml_values() -> None:
         (["data.patch_size=18"], "data.patch_size", "data.patch_size=18"),
         (["model.quantizer.groups=3"], "model.quantizer.dim", "groups=3"),
         (["model.quantizer.inplace=true"], "model.quantizer.inplace", "mode=inplace"),
+        # VQVAE.encode (and the export) serve one token per position: refused before training
+        (["model.quantizer.groups=2"], "model.quantizer.groups", "groups=2 is not supported"),
+        (["model.quantizer.residual_stages=2"], "model.quantizer.residual_stages", "=1"),
     ],
 )
 def test_bad_values_name_the_dotted_key(overrides: list[str], key: str, detail: str) -> None:

@@ -1,4 +1,4 @@
-"""Offline data layer: sources, patch bank cache, Dataset/DataLoader, eval set."""
+"""Offline data layer: sources, patch bank cache, Dataset/DataLoader."""
 
 from __future__ import annotations
 
@@ -25,12 +25,10 @@ from training.data import (
     build_patch_bank,
     debian_photos,
     fashion_mnist,
-    load_eval_images,
     make_patch_loader,
     parse_source,
     pip_photos,
     read_idx,
-    set_loader_epoch,
 )
 from training.data.idx import FASHION_MNIST_FILES
 from training.data.photos import BundledPhoto
@@ -166,26 +164,6 @@ def test_pip_photos_are_the_libraries_own_pixels() -> None:
     np.testing.assert_array_equal(images["flower"], flower)
     with cbook.get_sample_data("grace_hopper.jpg") as hopper:
         np.testing.assert_array_equal(images["grace_hopper"], np.asarray(Image.open(hopper)))
-
-
-def test_eval_images_are_float_chw_at_native_size() -> None:
-    skimage_data = pytest.importorskip("skimage.data", reason="pip install scikit-image")
-    pytest.importorskip("sklearn", reason="pip install scikit-learn")
-    pytest.importorskip("matplotlib", reason="pip install matplotlib")
-
-    images = load_eval_images()
-
-    assert len(images) == 9
-    assert all(image.dtype == np.float32 and image.shape[0] == 3 for image in images)
-    assert all(image.min() >= 0.0 and image.max() <= 1.0 for image in images)
-    np.testing.assert_allclose(images[0], skimage_data.astronaut().transpose(2, 0, 1) / 255.0)
-    assert images[1].shape == (3, 300, 451)  # chelsea, odd width kept
-
-    cropped = load_eval_images(multiple_of=16)
-    assert cropped[1].shape == (3, 288, 448)
-    # Centre crop: chelsea loses 6 rows top and bottom, 1 column left and 2 right.
-    np.testing.assert_array_equal(cropped[1], images[1][:, 6:294, 1:449])
-    assert all(image.shape[1] % 16 == 0 and image.shape[2] % 16 == 0 for image in cropped)
 
 
 def test_debian_photos_when_installed() -> None:
@@ -480,8 +458,6 @@ def test_loader_uses_distributed_sampler_under_torch_distributed(
     try:
         loader = make_patch_loader(small_bank, batch_size=8, seed=0, num_workers=0)
         assert isinstance(loader.sampler, DistributedSampler)
-        set_loader_epoch(loader, 3)
-        assert loader.sampler.epoch == 3
         assert sum(len(batch) for batch in loader) == 64
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from service.images import decode_image, open_image
 from training.evaluate import evaluate, main, pad_to_multiple, resolve_checkpoint
 from vqmodel import VQVAE, ModelConfig, save_checkpoint
 
@@ -142,14 +145,40 @@ def test_native_sizes_not_multiple_of_f_match_skimage() -> None:
     assert result["pixels"] == sum(h * w for h, w in shapes)
 
 
-def test_padding_reflects_and_falls_back_to_edge_for_tiny_images() -> None:
+def test_padding_is_the_services_edge_padding() -> None:
     image = torch.arange(6.0).view(1, 1, 1, 6).expand(1, 3, 6, 6)
     padded = pad_to_multiple(image, 4)
     assert padded.shape[-2:] == (8, 8)
-    assert padded[0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 4, 3]  # reflect, not edge
-    assert pad_to_multiple(torch.ones(1, 3, 2, 2), 8).shape[-2:] == (8, 8)  # edge: pad > side
+    assert padded[0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 5, 5]  # edge, not reflect
+    assert padded[0, 0, :, 0].tolist() == [0] * 8
+    assert pad_to_multiple(torch.ones(1, 3, 2, 2), 8).shape[-2:] == (8, 8)  # pad > side
     exact = image[..., :4, :4]
     assert torch.equal(pad_to_multiple(exact, 4), exact)  # already a multiple: unchanged
+
+
+class RecordingTokenizer(PaletteTokenizer):
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen = images.clone()
+        return super().encode(images)
+
+
+def test_evaluation_encodes_what_the_service_encodes_for_resize_pad() -> None:
+    # vqtok-eval's numbers are for the service's own input: the same upload (21x30, not a
+    # multiple of f) through service.images' resize=pad and through evaluate's padding
+    rgb = np.random.default_rng(0).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    upload = io.BytesIO()
+    Image.fromarray(rgb).save(upload, format="PNG")
+    prepared = decode_image(
+        open_image(upload.getvalue(), field="images"),
+        policy="pad",
+        native_size=16,
+        downsample=F4,
+        field="images",
+    )
+    tokenizer = RecordingTokenizer(PALETTE)
+    evaluate(tokenizer, [rgb.transpose(2, 0, 1)], progress=False)  # uint8: scaled by 1/255
+    assert tokenizer.seen.shape[-2:] == prepared.image_size == (24, 32)
+    np.testing.assert_allclose(tokenizer.seen[0].numpy(), prepared.pixels, atol=1e-6)
 
 
 # -- CLI and reports -------------------------------------------------------------------------------
@@ -204,3 +233,31 @@ def test_not_a_checkpoint_names_what_it_expected(tmp_path: Path) -> None:
         resolve_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{missing}"], "CHECKPOINT {missing} does not exist"),
+        (["{run}", "--data", "folder:{missing}"], "--data='folder:{missing}': image folder"),
+        (["{run}", "--data", "no-such-source"], "unknown image source 'no-such-source'"),
+        (["{run}", "--limit", "0"], "--limit must be >= 1, got 0"),
+        (["{run}", "--device", "cuda:99"], "--device cuda:99"),
+        (["{bad}"], "config.json"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "bad"  # a checkpoint whose config is not JSON
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    shutil.copy(run_dir / "checkpoints" / "best" / "weights.safetensors", bad)
+    paths = {"missing": tmp_path / "missing", "run": run_dir, "bad": bad}
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main([a.format(**paths) for a in argv] + ["--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("vqtok-eval: ") and err.count("\n") == 1, err
+    assert message.format(**paths) in err

@@ -21,7 +21,7 @@ from training.export import (
     verification_photos,
     verification_sizes,
 )
-from vqmodel import load_model, save_checkpoint
+from vqmodel import VQVAE, ModelConfig, load_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,22 @@ def test_cli_exports_checkpoint_with_card_and_triton(
         np.testing.assert_array_equal(exported.encode(photo[None]), engine.encode(photo[None]))
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 1
-    assert "is a training run directory" in capsys.readouterr().err
+    checkpoint = save_checkpoint(tmp_path / "ckpt", VQVAE(ModelConfig(base_channels=8)))
+    (tmp_path / "card.json").write_text("[1, 2]")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("mine")
+    for argv, message in (
+        ([tmp_path / "run"], "is a training run directory"),
+        ([tmp_path / "missing"], "missing"),
+        ([checkpoint, "--card", tmp_path / "card.json"], "expected a JSON object, got list"),
+        ([checkpoint, "--card", tmp_path / "nope.json"], "--card"),
+        ([checkpoint, "--out", tmp_path / "notes"], "without model.json; refusing"),
+    ):
+        out = [] if "--out" in argv else ["--out", tmp_path / "m"]
+        assert main([str(a) for a in [*argv, *out]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vqtok-export: error: ") and err.count("\n") == 1, err
+        assert message in err
+    assert not (tmp_path / "m").exists()

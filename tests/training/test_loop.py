@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,47 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[100] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("where", "mode"),
+    [("decoder", "standard"), ("decoder", "alternating"), ("encoder", "alternating"),
+     ("encoder", "inplace")],
+)  # fmt: skip
+def test_non_finite_step_raises_before_any_weight_moves(
+    where: str, mode: str, tmp_path: Path, bank_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # step 3's decoder output is NaN (a NaN loss) or its encoder output inf (which the codebook
+    # step, k-means init and code replacement would write into the codebook): the run stops with
+    # every weight and buffer as it was when the bad numbers appeared
+    models: list[VQVAE] = []
+
+    class Poisoned(VQVAE):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls, self.snapshot = 0, None
+            models.append(self)
+
+        def poison(self, out: torch.Tensor, value: float) -> torch.Tensor:
+            self.calls += 1
+            if self.calls != 3:
+                return out
+            self.snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            return out * 0 + value
+
+        def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+            out = super().encode_features(images)
+            return self.poison(out, math.inf) if where == "encoder" else out
+
+        def decode_features(self, z_q: torch.Tensor) -> torch.Tensor:
+            out = super().decode_features(z_q)
+            return self.poison(out, math.nan) if where == "decoder" else out
+
+    monkeypatch.setattr("training.loop.VQVAE", Poisoned)
+    config = tiny(tmp_path / "run", bank_cache, f"mode={mode}", "steps=10", "image_every=0")
+    with pytest.raises(FloatingPointError, match=r"is (nan|not finite) at step 3; lower optim\.lr"):
+        train(config, progress=False)
+    (model,) = models
+    assert model.snapshot is not None
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, model.snapshot[k])]
+    assert changed == []

@@ -1,9 +1,9 @@
-"""Offline training data: image sources, the cached patch bank, its DataLoader, the eval set.
+"""Offline training data: image sources, the cached patch bank, its DataLoader, the loop's stream.
 
     source = parse_source("debian-photos")           # or folder:/path, pip-photos, fashion-mnist
     bank = build_patch_bank(source, patch_size=64, count=20_000, seed=0)   # cached .npy
     loader = make_patch_loader(bank, batch_size=64, seed=0)            # float32 [B, 3, 64, 64]
-    eval_images = load_eval_images(multiple_of=8)                       # float32 [3, H, W] each
+    batches = patch_stream(cfg.data, runtime)     # the training loop's endless, resumable batches
 
 Nothing here downloads: every source reads files installed by pip or apt.
 """
@@ -15,12 +15,14 @@ from training.data.image_source import (
     MissingSourceError,
     UnreadableImageError,
     UnreadableImageWarning,
+    UnusableSourceError,
     read_rgb,
 )
-from training.data.loader import PatchDataset, make_patch_loader, set_loader_epoch
+from training.data.loader import PatchDataset, make_patch_loader
 from training.data.patch_bank import DEFAULT_CACHE_DIR, build_patch_bank
-from training.data.photos import debian_photos, folder_images, load_eval_images, pip_photos
+from training.data.photos import debian_photos, folder_images, pip_photos
 from training.data.spec import SOURCE_SPECS, parse_source
+from training.data.stream import PatchStream, open_source, patch_stream
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -29,17 +31,19 @@ __all__ = [
     "ImageSource",
     "MissingSourceError",
     "PatchDataset",
+    "PatchStream",
     "UnreadableImageError",
     "UnreadableImageWarning",
+    "UnusableSourceError",
     "build_patch_bank",
     "debian_photos",
     "fashion_mnist",
     "folder_images",
-    "load_eval_images",
     "make_patch_loader",
+    "open_source",
     "parse_source",
+    "patch_stream",
     "pip_photos",
     "read_idx",
     "read_rgb",
-    "set_loader_epoch",
 ]

@@ -21,6 +21,10 @@ class MissingSourceError(RuntimeError):
     """A data source is not installed here; the message names what to install."""
 
 
+class UnusableSourceError(RuntimeError):
+    """A source holds no image the patch bank can use (all unreadable or smaller than a patch)."""
+
+
 class UnreadableImageError(OSError):
     """One image could not be decoded; sources skip it with an `UnreadableImageWarning`."""
 

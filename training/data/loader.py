@@ -89,7 +89,8 @@ def make_patch_loader(
     """A DataLoader of float32 [B, 3, H, W] batches over `bank`, identical across runs per seed.
 
     When torch.distributed is initialised each rank reads its own shard through a
-    DistributedSampler; call `set_loader_epoch(loader, epoch)` before each epoch either way.
+    DistributedSampler (seeded by `seed`: a new seed, a new shuffle; `PatchStream` makes a new
+    loader with a new seed per epoch).
     """
     dataset = PatchDataset(bank, flip=flip, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -108,9 +109,3 @@ def make_patch_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
-
-
-def set_loader_epoch(loader: DataLoader[torch.Tensor], epoch: int) -> None:
-    """Give a DistributedSampler its epoch (a new shuffle); a no-op for single-process loaders."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)

@@ -36,6 +36,7 @@ from training.data.image_source import (
     ImageSource,
     UnreadableImageError,
     UnreadableImageWarning,
+    UnusableSourceError,
 )
 from training.data.spec import parse_source
 
@@ -147,7 +148,7 @@ def _fill(
             if made == count or not usable:
                 break
     if made < count:
-        raise RuntimeError(
+        raise UnusableSourceError(
             f"source {images.spec!r} gave no usable image of at least {patch_size}x{patch_size} "
             f"pixels among its {len(images)} images"
         )

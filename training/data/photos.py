@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from training.data.image_source import (
     ImageSource,
     MissingSourceError,
@@ -104,23 +102,6 @@ def _package_dir(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def load_eval_images(*, multiple_of: int = 1) -> list[np.ndarray]:
-    """The pip-bundled photos at native size as float32 [3, H, W] in [0, 1], in `PIP_PHOTOS` order.
-
-    `multiple_of` centre-crops each side down to a multiple of it (a tokenizer with downsampling
-    factor f needs multiple_of=f); 1 keeps the native size.
-    """
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    images = []
-    for _, rgb in pip_photos().images():
-        height, width = (side - side % multiple_of for side in rgb.shape[:2])
-        top, left = (rgb.shape[0] - height) // 2, (rgb.shape[1] - width) // 2
-        crop = rgb[top : top + height, left : left + width]
-        images.append(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0)
-    return images
 
 
 # Which files each Debian package owns comes from dpkg's own file lists, so the two lomiri
