@@ -193,6 +193,29 @@ def _prepare_chunk(
     return prepared
 
 
+def _new_manifest(
+    info: Any, root: Path, resize: str, shard_size: int, files: int
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": {
+            "id": info.id,
+            "codebook_size": info.codebook_size,
+            "downsample": info.downsample,
+            "image_size": info.image_size,
+        },
+        "source": str(root.resolve()),
+        "resize": resize,
+        "layout": "grid [n,h,w]" if resize == "fit" else "ragged (offsets, token_shapes)",
+        "token_dtype": "uint16",
+        "shard_size": shard_size,
+        "files": files,
+        "complete": False,
+        "shards": [],
+    }
+
+
 def tokenize_folder(
     image_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -221,24 +244,7 @@ def tokenize_folder(
     from tqdm import tqdm
 
     info = engine.info
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model": {
-            "id": info.id,
-            "codebook_size": info.codebook_size,
-            "downsample": info.downsample,
-            "image_size": info.image_size,
-        },
-        "source": str(root.resolve()),
-        "resize": resize,
-        "layout": "grid [n,h,w]" if resize == "fit" else "ragged (offsets, token_shapes)",
-        "token_dtype": "uint16",
-        "shard_size": shard_size,
-        "files": len(names),
-        "complete": False,
-        "shards": [],
-    }
+    manifest = _new_manifest(info, root, resize, shard_size, len(names))
     shards = [names[i : i + shard_size] for i in range(0, len(names), shard_size)]
     bar = tqdm(total=len(names), unit="img", disable=not show_progress, desc="tokenizing")
     skipped = 0

@@ -164,3 +164,17 @@ def test_the_rules_see_a_forbidden_edge_and_a_circle() -> None:
     found = imports_in(source, "service.sub")
     assert {"torch", "service.vqmodel.vqvae", "service.vqmodel.vqvae.VQVAE"} <= found
     assert imports_in("from vqmodel import VQVAE\n", "service") >= {"vqmodel", "vqmodel.VQVAE"}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_function_is_longer_than_a_screen(package: str) -> None:
+    long = []
+    for name, path in modules().items():
+        if name.split(".")[0] != package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {length} lines")
+    assert not long, "\n".join(long)
