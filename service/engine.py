@@ -217,11 +217,9 @@ class Engine:
 # -- inference -------------------------------------------------------------------------------------
 def _one_image_per_run(session: ort.InferenceSession, name: str, batch: np.ndarray) -> np.ndarray:
     # The token contract: an image's output must not depend on the batch it arrives in. Kernels
-    # choose their algorithm from the whole input shape (onnxruntime's CPU ReduceMean over
-    # channels adds rows in order at N=1 but runs an SGEMM with a ones-vector at N>1; the
-    # last-bit difference flips near-tie codes), so every run sees exactly one image. The price on
-    # CPU: ~25 % more time per image for models/default, nearly all in that slower N=1 ReduceMean
-    # (benchmarks/token_contract.py, cost table).
+    # may choose their algorithm from the whole input shape (onnxruntime's CPU ReduceMean over
+    # channels summed in order at N=1 and through an SGEMM at N>1; the last-bit difference
+    # flipped near-tie codes), so every run sees exactly one image, whatever the graph holds.
     outputs = [session.run(None, {name: batch[i : i + 1]})[0] for i in range(len(batch))]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 

@@ -137,9 +137,14 @@ class ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        centred = x - mean
-        var = centred.pow(2).mean(1, keepdim=True)
+        # Channel means as a 1x1 convolution with weights 1/C (exact: C is a power of two), not
+        # a mean over dim 1: exported, a ReduceMean over channels lets onnxruntime pick its
+        # summation order from the whole input shape (in order at N = 1, an SGEMM at N > 1), so an
+        # image's features, and near-tie tokens, changed with the batch; a convolution runs
+        # image by image.
+        average = x.new_full((1, x.shape[1], 1, 1), 1.0 / x.shape[1])
+        centred = x - F.conv2d(x, average)
+        var = F.conv2d(centred * centred, average)
         x_hat = centred * torch.rsqrt(var + self.eps)
         return x_hat * self.weight[:, None, None] + self.bias[:, None, None]
 
