@@ -121,6 +121,9 @@ class Engine:
             files[DECODER_FILE], options, requested, self.model_dir / DECODER_FILE
         )
         self.active_providers: list[str] = self._encoder.get_providers()
+        self._shrink = ort.RunOptions()
+        arenas = ";".join(["cpu:0", *(["gpu:0"] if CUDA in self.active_providers else [])])
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         _check_providers(providers, requested, self.active_providers)
         if providers == "auto":
             log.info("model %s runs on %s", self.info.id, self.active_providers[0])
@@ -133,12 +136,20 @@ class Engine:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """float32 [N,3,H,W] in [0,1] (H, W multiples of f) -> int64 tokens [N,H/f,W/f]."""
         images = self._check_images(images)
-        return _one_image_per_run(self._encoder, ENCODER_INPUT, images)
+        pixels = images.shape[2] * images.shape[3]
+        return _one_image_per_run(self._encoder, ENCODER_INPUT, images, self._options(pixels))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Integer tokens [N,h,w] in [0,K) -> float32 images [N,3,h*f,w*f] in [0,1]."""
         tokens = self._check_tokens(tokens)
-        return _one_image_per_run(self._decoder, DECODER_INPUT, tokens)
+        pixels = tokens.shape[1] * tokens.shape[2] * self.info.downsample**2
+        return _one_image_per_run(self._decoder, DECODER_INPUT, tokens, self._options(pixels))
+
+    def _options(self, pixels: int) -> ort.RunOptions | None:
+        # onnxruntime's arena keeps the largest working set it ever needed (~0.6 KB per pixel
+        # for models/default: a 1024² image would pin ~0.7 GiB for good): runs above the native
+        # size hand their extra memory back afterwards; native-size runs keep the fast path
+        return self._shrink if pixels > self.info.image_size**2 else None
 
     # -- validation ------------------------------------------------------------------------------
     def _check_images(self, images: np.ndarray) -> np.ndarray:
@@ -215,12 +226,17 @@ class Engine:
 
 
 # -- inference -------------------------------------------------------------------------------------
-def _one_image_per_run(session: ort.InferenceSession, name: str, batch: np.ndarray) -> np.ndarray:
+def _one_image_per_run(
+    session: ort.InferenceSession,
+    name: str,
+    batch: np.ndarray,
+    options: ort.RunOptions | None = None,
+) -> np.ndarray:
     # The token contract: an image's output must not depend on the batch it arrives in. Kernels
     # may choose their algorithm from the whole input shape (onnxruntime's CPU ReduceMean over
     # channels summed in order at N=1 and through an SGEMM at N>1; the last-bit difference
     # flipped near-tie codes), so every run sees exactly one image, whatever the graph holds.
-    outputs = [session.run(None, {name: batch[i : i + 1]})[0] for i in range(len(batch))]
+    outputs = [session.run(None, {name: batch[i : i + 1]}, options)[0] for i in range(len(batch))]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 

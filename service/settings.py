@@ -45,17 +45,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit")
     max_pixels: int = Field(4096 * 4096, ge=1, description="pixels per uploaded image")
     max_images: int = Field(16, ge=1, description="images per encode request / decode batch")
-    # 64 x 64 tokens = 512 x 512 pixels at f = 8: ~180 MiB of onnxruntime working memory for
-    # the default model, so every request the other limits allow fits max_request_bytes
-    max_token_grid: int = Field(64 * 64, ge=1, description="h*w of one token grid")
+    # 128 x 128 tokens = 1024 x 1024 pixels at f = 8: a photo at native size with resize=pad
+    # (~0.7 GiB of onnxruntime working memory for the default model: see max_request_bytes)
+    max_token_grid: int = Field(128 * 128, ge=1, description="h*w of one token grid")
     max_request_bytes: int = Field(
-        256 * 1024 * 1024,
+        768 * 1024 * 1024,
         ge=1024 * 1024,
         description="decoded-memory budget of one request (pixels, model inputs, engine work), "
         "estimated from the image headers before decoding; more answers 413",
     )
     max_inflight_bytes: int = Field(
-        768 * 1024 * 1024,
+        1024 * 1024 * 1024,
         ge=1024 * 1024,
         description="decoded memory all requests may hold at once; a request that does not fit "
         "waits up to admission_wait_s, then gets 503 + Retry-After",

@@ -136,7 +136,7 @@ BAD_TOKENS = [
     ({"tokens": [1, 2, 3]}, 422, "got rank 1"),
     ({"tokens": [[[[1]]]]}, 422, "got rank 4"),
     ({"tokens": [["a", "b"]]}, 422, "nested lists of integers"),
-    ({"tokens": [[0] * 200] * 200}, 413, "40000 tokens; the limit is 4096"),
+    ({"tokens": [[0] * 200] * 200}, 413, "40000 tokens; the limit is 16384"),
     ({"tokens": [[[0]]] * 17}, 413, "batch of 17 grids; the limit is 16"),
     ({"tokens_b64": "%%%not-base64", "shape": [2, 2]}, 400, "not valid base64"),
     ({"tokens_b64": "AAAA", "shape": [2, 2]}, 422, "3 bytes decoded, shape [2, 2] needs 8"),
