@@ -9,6 +9,7 @@ quantizer and decoder separately (DDP only syncs gradients of its own ``forward`
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,12 @@ def setup(device: str = "auto") -> Runtime:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments on first
+        # import (building a torch.optim optimizer imports it). Imported after the group exists,
+        # it would keep the group alive past destroy_process_group, and gloo's threads would run
+        # into interpreter shutdown and abort the process ("terminate called without an active
+        # exception"). Imported now, the defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if use_cuda else "gloo")
     target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Runtime(dist.get_rank(), dist.get_world_size(), target)

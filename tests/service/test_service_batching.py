@@ -134,3 +134,28 @@ async def test_cancelled_callers_are_skipped() -> None:
     await blocker
     await batcher.aclose(timeout=5)
     assert fn.batches == [(1, 1)]  # the cancelled item never reached the engine
+
+
+async def test_a_batch_is_counted_before_its_callers_see_their_results() -> None:
+    # A client that reads /metrics right after its response must find the batch that served it.
+    loop = asyncio.get_running_loop()
+    answered: list[np.ndarray] = []
+    answered_when_counted: list[bool] = []
+
+    async def caller_has_answer() -> bool:
+        # Results already handed back reach their caller within a few loop turns (FIFO).
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return bool(answered)
+
+    def observer(operation: str, size: int, seconds: float) -> None:
+        probe = asyncio.run_coroutine_threadsafe(caller_has_answer(), loop)
+        answered_when_counted.append(probe.result(timeout=30))
+
+    batcher = MicroBatcher(
+        {"double": Recorder()}, max_batch=8, max_wait_ms=50.0, max_queue=64, on_batch=observer
+    )
+    batcher.start()
+    answered.extend(await batcher.submit("double", [np.ones(2), np.zeros(2)]))  # one batch
+    assert answered_when_counted == [False]
+    await batcher.aclose(timeout=5)

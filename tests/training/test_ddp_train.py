@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks end with identical weights, rank 0 alone
-writes the run directory, and the ranks really trained on different data."""
+writes the run directory, and the ranks really trained on different data; teardown really frees
+the process group."""
 
 from __future__ import annotations
 
@@ -73,3 +74,35 @@ def test_two_cpu_processes_train_identical_weights(tmp_path: Path) -> None:
     # weights differ, so the two ranks above did not just train on the same batches
     single = train(load_config(TINY, [*common, f"out_dir={tmp_path / 'one'}"]), progress=False)
     assert load_metadata(single["last_checkpoint"])["rank_digests"] != digests[:1]
+
+
+# A rank of the test above sometimes aborted on a loaded machine ("terminate called without an
+# active exception"): building the optimizer imported torch.distributed.nn.functional, whose
+# `group=group.WORLD` default arguments then held the process group, so destroy_process_group
+# freed nothing and gloo's threads were still running when the interpreter shut down.
+TEARDOWN_SCRIPT = """
+import json, os, torch
+from training import ddp
+ddp.setup("cpu")
+torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+ddp.teardown()
+tasks = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps(sorted(tasks)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads from /proc")
+def test_teardown_stops_the_process_groups_threads() -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **{"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"},
+        **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", TEARDOWN_SCRIPT],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = json.loads(done.stdout.splitlines()[-1])
+    assert not [name for name in threads if "gloo" in name], threads
