@@ -50,7 +50,7 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	touch $@
 
 bench-vq: $(VENV)/.bench-installed
-	$(BIN)/python benchmarks/vq_layer.py
+	$(BIN)/python -m benchmarks.vq_layer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """SIGTERM under keep-alive load: does a draining vqtok-serve answer every request it was sent?
 
-    .venv/bin/python benchmarks/drain.py --clients 16 64
-    .venv/bin/python benchmarks/drain.py --quick            # 16 clients, shorter phases
+    .venv/bin/python -m benchmarks.drain --clients 16 64
+    .venv/bin/python -m benchmarks.drain --quick            # 16 clients, shorter phases
 
 What runs: one `vqtok-serve` process (models/default, VQTOK_PRE_STOP_DELAY_S=--pre-stop-delay-s,
 one onnxruntime thread) and, in this process, `--clients` threads, each a closed loop on its own
@@ -34,7 +34,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,14 +46,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def encode_request() -> tuple[bytes, dict[str, str]]:

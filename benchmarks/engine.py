@@ -19,9 +19,9 @@ call, then one batch-32 call runs; reported is peak RSS minus RSS before the cal
 
 Output: a markdown table, then exactly one final line of JSON with every number.
 
-    .venv/bin/python benchmarks/engine.py                     # default config, 5 rounds
-    .venv/bin/python benchmarks/engine.py --model-dir models/default
-    .venv/bin/python benchmarks/engine.py --quick             # smoke test
+    .venv/bin/python -m benchmarks.engine                     # default config, 5 rounds
+    .venv/bin/python -m benchmarks.engine --model-dir models/default
+    .venv/bin/python -m benchmarks.engine --quick             # smoke test
 """
 
 from __future__ import annotations
@@ -43,11 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from service.engine import Engine
 from vqmodel import VQVAE, ModelConfig, load_model
 
+REPO = Path(__file__).resolve().parents[1]
 OPS = ("encode", "decode")
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -180,9 +179,9 @@ def peak_memory(model_dir: Path, threads: int, batch: int) -> dict[str, int | No
         return {f"{op}/{r}": None for op in OPS for r in RUNTIMES}
     for op in OPS:
         for runtime in RUNTIMES:
-            cmd = [sys.executable, __file__, "--model-dir", str(model_dir), "--threads"]
-            cmd += [str(threads), "--peak-memory", runtime, op, str(batch)]
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            cmd = [sys.executable, "-m", "benchmarks.engine", "--model-dir", str(model_dir)]
+            cmd += ["--threads", str(threads), "--peak-memory", runtime, op, str(batch)]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
             peaks[f"{op}/{runtime}"] = json.loads(result.stdout.strip().splitlines()[-1])[
                 "peak_bytes"
             ]

@@ -1,7 +1,7 @@
 """The encoder-codebook gap of trained ablation rows: how far the encoder's features are from the
 codes they are assigned, relative to the features' own spread.
 
-    .venv/bin/python benchmarks/quant_gap.py runs/ablation-3000/results.json [--rows full,strong]
+    .venv/bin/python -m benchmarks.quant_gap runs/ablation-3000/results.json [--rows full,strong]
 
 For every finished run in the ablation's results.json (every seed), on the ablation's own eval set
 at native size (padded to a multiple of f, as the evaluation does): the quantizer's rows z (its
@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.ablation_report import row_of, seed_label, seed_order
 from training.evaluate import _same_shape_batches, load_eval_set, pad_to_multiple

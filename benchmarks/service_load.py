@@ -1,8 +1,8 @@
 """HTTP load on a real vqtok-serve: throughput and latency vs concurrency, against the engine's
 own batched throughput measured in the same run.
 
-    .venv/bin/python benchmarks/service_load.py --model-dir models/default
-    .venv/bin/python benchmarks/service_load.py --model-dir DIR --seconds 3   # quicker
+    .venv/bin/python -m benchmarks.service_load --model-dir models/default
+    .venv/bin/python -m benchmarks.service_load --model-dir DIR --seconds 3   # quicker
 
 What runs where: the service is a separate `vqtok-serve` process (its own onnxruntime threads,
 micro-batcher and event loop); the load comes from separate generator processes (asyncio +
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing
 import os
@@ -48,8 +47,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import free_port, png_bytes
 from service.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,19 +66,6 @@ def photo_crop(size: int = 256) -> np.ndarray:
             return np.ascontiguousarray(rgb[100 : 100 + size, 120 : 120 + size])
     return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_service(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
@@ -252,7 +237,10 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--quick", action="store_true", help="1 s cells at concurrency 4")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.concurrency = 1.0, [4]
     if not (args.model_dir / "model.json").is_file():
         raise SystemExit(f"{args.model_dir} has no model.json; pass --model-dir")
 

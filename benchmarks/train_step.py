@@ -15,9 +15,9 @@ a machine shared with other jobs, preemption inflates wall time but not CPU time
 to the first row, then one JSON line. The target is checked on the median CPU time on CPU, the
 median wall time on CUDA.
 
-    .venv/bin/python benchmarks/train_step.py                 # baseline vs full, 40 rounds
-    .venv/bin/python benchmarks/train_step.py --rows baseline,strong,full --rounds 60
-    .venv/bin/python benchmarks/train_step.py --quick         # smoke test
+    .venv/bin/python -m benchmarks.train_step                 # baseline vs full, 40 rounds
+    .venv/bin/python -m benchmarks.train_step --rows baseline,strong,full --rounds 60
+    .venv/bin/python -m benchmarks.train_step --quick         # smoke test
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from pathlib import Path
 
 import torch
 
-# `python benchmarks/train_step.py` without an editable install
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+# `python -m benchmarks.train_step` without an editable install
 from training.ablation import DEFAULT_CONFIG, hardware, load_ablation, row_config
 from training.config import TrainConfig
 from training.data import build_patch_bank

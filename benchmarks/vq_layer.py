@@ -24,8 +24,8 @@ torch.cuda.max_memory_allocated() over one step minus what was allocated before 
 
 Output: a markdown table, then exactly one final line of JSON with every number.
 
-    .venv/bin/python benchmarks/vq_layer.py            # 30 timed rounds
-    .venv/bin/python benchmarks/vq_layer.py --quick    # smoke test
+    .venv/bin/python -m benchmarks.vq_layer            # 30 timed rounds
+    .venv/bin/python -m benchmarks.vq_layer --quick    # smoke test
 """
 
 from __future__ import annotations
@@ -51,10 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the script lives in benchmarks/, the package next to it; make `python benchmarks/vq_layer.py`
+# the script lives in benchmarks/, the package next to it; make `python -m benchmarks.vq_layer`
 # work without an editable install
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from vqmodel import VectorQuantizer
 
 try:
