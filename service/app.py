@@ -13,21 +13,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from service.admission import RequestGate
 from service.allocator import pin_mmap_threshold
+from service.cpu import cpu_quota
 from service.drain import CloseConnectionsWhileDraining
 from service.engine import Engine
 from service.errors import install_problem_handlers
 from service.metrics import HTTPMetricsMiddleware, ServiceMetrics
+from service.openapi import openapi_document
 from service.routes import router
-from service.schemas import DecodeBatchResponse, EncodeResponse, ProblemDetails
 from service.settings import Settings
 from service.tokenizer import EngineLike, TokenizerService
 
@@ -41,7 +39,8 @@ def load_engine(settings: Settings) -> EngineLike:
     return Engine(
         settings.model_dir,
         providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
+        # 0 = the CPU quota: onnxruntime's own default counts the host's cores, not the cgroup's
+        intra_op_threads=settings.intra_op_threads or cpu_quota(),
         inter_op_threads=settings.inter_op_threads,
         warmup=settings.warmup,
     )
@@ -86,7 +85,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    app.state.settings = settings
     install_problem_handlers(app)
     app.include_router(router)
     known = {getattr(route, "path", "") for route in [*app.routes, *router.routes]}
@@ -94,64 +92,5 @@ def create_app(
     app.add_middleware(RequestGate, limits=service.limits, api_key=api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=lambda: known)
     app.add_middleware(CloseConnectionsWhileDraining, draining=lambda: service.draining)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(app, settings)  # type: ignore[method-assign]
     return app
-
-
-def _state_upload_limits(schemas: dict[str, Any], settings: Settings) -> None:
-    # FastAPI describes `list[UploadFile]` as any array of strings; the server wants 1..max_images
-    # non-empty files (an empty file is not an image: 415), so the document says so
-    binary = {"type": "string", "format": "binary", "minLength": 1}
-    for body, field, many in (
-        ("Body_encode_v1_encode_post", "images", True),
-        ("Body_reconstruct_v1_reconstruct_post", "image", False),
-    ):
-        properties = schemas.get(body, {}).get("properties", {})
-        for option in ("resize", "format"):
-            # an empty form value means "not given" to FastAPI: the default applies
-            if "enum" in properties.get(option, {}):
-                properties[option]["enum"] = [*properties[option]["enum"], ""]
-        prop = properties.get(field)
-        if prop is None:
-            continue
-        description = prop.get("description")
-        prop.clear()
-        if many:
-            prop.update(type="array", items=binary, minItems=1, maxItems=settings.max_images)
-        else:
-            prop.update(binary)
-        if description:
-            prop["description"] = description
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title, version=app.version, summary=app.summary, routes=app.routes
-    )
-    # Schemas referenced only from hand-written `responses` entries (problem+json, the decode
-    # batch answer) are not collected by FastAPI: add them to components.
-    _, extra = models_json_schema(
-        [
-            (ProblemDetails, "serialization"),
-            (DecodeBatchResponse, "serialization"),
-            (EncodeResponse, "serialization"),
-        ],
-        ref_template="#/components/schemas/{model}",
-    )
-    components = schema.setdefault("components", {})
-    for name, definition in extra.get("$defs", {}).items():
-        components.setdefault("schemas", {}).setdefault(name, definition)
-    _state_upload_limits(components["schemas"], app.state.settings)
-    if app.state.settings.api_key is not None:
-        components["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-        }
-        for path, operations in schema["paths"].items():
-            if path.startswith("/v1/"):
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}, {"apiKey": []}]
-    app.openapi_schema = schema
-    return schema

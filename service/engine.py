@@ -124,7 +124,8 @@ class Engine:
         self._shrink = ort.RunOptions()
         arenas = ";".join(["cpu:0", *(["gpu:0"] if CUDA in self.active_providers else [])])
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
-        _check_providers(providers, requested, self.active_providers)
+        for session, name in ((self._encoder, ENCODER_FILE), (self._decoder, DECODER_FILE)):
+            _check_providers(providers, requested, session.get_providers(), name)
         if providers == "auto":
             log.info("model %s runs on %s", self.info.id, self.active_providers[0])
         if warmup:
@@ -283,12 +284,13 @@ def _session(
         raise EngineError(f"{path}: onnxruntime cannot load it with {providers}: {err}") from err
 
 
-def _check_providers(choice: str, requested: list[str], active: list[str]) -> None:
+def _check_providers(choice: str, requested: list[str], active: list[str], graph: str) -> None:
     # onnxruntime drops a GPU provider whose libraries (CUDA, cuDNN, TensorRT) fail to load with
-    # only a warning and runs everything on CPU: an explicit GPU request must not pass that way.
+    # only a warning and runs everything on CPU: an explicit GPU request must not pass that way,
+    # for either graph.
     if choice in ("cuda", "tensorrt") and requested[0] not in active:
         raise EngineError(
-            f"providers={choice!r}: onnxruntime fell back to {active} (the {requested[0]} "
+            f"providers={choice!r}: onnxruntime runs {graph} on {active} (the {requested[0]} "
             "libraries did not load: check CUDA/cuDNN versions and LD_LIBRARY_PATH, or use "
             "providers='cpu')"
         )
