@@ -58,8 +58,10 @@ def test_the_stress_set_includes_the_debian_photos(photos: tuple) -> None:
     assert sum(name.startswith("/usr/share/backgrounds/") for name in pool) >= 20
 
 
-def _whole_batch_per_run(session: ort.InferenceSession, name: str, batch: np.ndarray) -> np.ndarray:
-    return session.run(None, {name: batch})[0]
+def _whole_batch_per_run(
+    session: ort.InferenceSession, name: str, batch: np.ndarray, options: object = None
+) -> np.ndarray:
+    return session.run(None, {name: batch}, options)[0]
 
 
 def test_the_graphs_hold_no_reduction_over_channels() -> None:
@@ -80,9 +82,11 @@ def test_the_graph_itself_is_batch_invariant(photos: tuple, monkeypatch) -> None
     assert (report.differing_tokens, report.differing_values) == (0, 0), report.mismatches
 
 
-def _batch_dependent_run(session: ort.InferenceSession, name: str, batch: np.ndarray) -> np.ndarray:
+def _batch_dependent_run(
+    session: ort.InferenceSession, name: str, batch: np.ndarray, options: object = None
+) -> np.ndarray:
     # an engine whose output depends on the batch: one token / one value moves when N > 1
-    out = _whole_batch_per_run(session, name, batch).copy()
+    out = _whole_batch_per_run(session, name, batch, options).copy()
     if len(batch) > 1 and out.dtype == np.int64:
         out[0, 18, 6] = (out[0, 18, 6] + 1) % 1024
     elif len(batch) > 1:

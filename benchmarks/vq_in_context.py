@@ -1,0 +1,124 @@
+"""The quantizer inside a real model: one training step of a small MNIST-sized autoencoder with
+our VectorQuantizer vs the VQTorch-style reference layer (benchmarks/vq_layer.py), in one process.
+
+    .venv/bin/python -m benchmarks.vq_in_context              # 30 rounds per option set
+    .venv/bin/python -m benchmarks.vq_in_context --quick      # smoke test
+
+The model (written here, shaped like VQTorch's examples/autoencoder.py): 1x28x28 -> conv 16 ->
+pool -> conv 32 -> pool -> 32x7x7 codes (256 codes of 32 dims) -> upsample/conv back to 1x28x28;
+batch 256, AdamW, loss mse + vq loss; random inputs (the step's cost does not depend on them).
+A step is forward + backward + optimizer step. Implementations alternate step by step (A B A B)
+after a warm-up, median and min per option set; target (issue 14): ours <= 0.8x the reference.
+Output: a markdown table, then exactly one final line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.vq_layer import ReferenceVQ
+from vqmodel import VectorQuantizer
+
+CODES, DIM, BETA = 256, 32, 0.95
+OPTION_SETS = {
+    "plain": {"affine_lr": 0.0, "sync_nu": 0.0, "replace_freq": 0},
+    "sync + affine": {"affine_lr": 1.0, "sync_nu": 0.2, "replace_freq": 0},
+}
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, DIM, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.quantizer = quantizer
+        self.decoder = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(DIM, 16, 3, padding=1), nn.ReLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(16, 1, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_q, info = self.quantizer(self.encoder(x))
+        return self.decoder(z_q), info["loss"]
+
+
+def build(name: str, options: dict) -> AutoEncoder:
+    if name == "reference":
+        layer: nn.Module = ReferenceVQ(CODES, DIM, BETA, **options)
+    elif options["affine_lr"] > 0:
+        layer = VectorQuantizer(num_codes=CODES, dim=DIM, beta=BETA, affine="learned", **options)
+    else:
+        layer = VectorQuantizer(num_codes=CODES, dim=DIM, beta=BETA)
+    return AutoEncoder(layer)
+
+
+def step_fn(model: AutoEncoder) -> Callable[[torch.Tensor], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor) -> None:
+        x_hat, vq_loss = model(x)
+        loss = F.mse_loss(x_hat, x) + vq_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_set(options: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    x = torch.rand(256, 1, 28, 28)
+    steps = {name: step_fn(build(name, options)) for name in ("ours", "reference")}
+    for step in steps.values():
+        for _ in range(warmup):
+            step(x)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(x)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 3, 1
+    torch.set_num_threads(args.threads)
+    rows = {}
+    print("| option set | ours median (min) ms | reference median (min) ms | ours / reference |")
+    print("|---|---:|---:|---:|")
+    for name, options in OPTION_SETS.items():
+        times = time_set(options, args.rounds, args.warmup)
+        ours, ref = (statistics.median(times[k]) for k in ("ours", "reference"))
+        rows[name] = {
+            "ours_ms": 1000 * ours, "ours_min_ms": 1000 * min(times["ours"]),
+            "reference_ms": 1000 * ref, "reference_min_ms": 1000 * min(times["reference"]),
+            "ratio": ours / ref,
+        }  # fmt: skip
+        print(
+            f"| {name} | {1000 * ours:.1f} ({1000 * min(times['ours']):.1f}) | "
+            f"{1000 * ref:.1f} ({1000 * min(times['reference']):.1f}) | {ours / ref:.2f} |"
+        )
+    result = {"benchmark": "vq_in_context", "threads": args.threads, "rounds": args.rounds}
+    print(json.dumps(result | {"rows": rows, "target": 0.8}))
+
+
+if __name__ == "__main__":
+    main()
