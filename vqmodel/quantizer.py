@@ -16,9 +16,8 @@ from vqmodel.usage import perplexity_of_counts
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: exactly C_hat_q, laid out like z. Backward: upstream g to z, nu * g to C_hat_q
-    (one fused node instead of four elementwise autograd ops; the layout change back to z's
-    shape is the only copy)."""
+    """Forward: exactly C_hat_q, in z's shape (a view of the rows: no copy). Backward: upstream g
+    to z, nu * g to C_hat_q (one fused node instead of four elementwise autograd ops)."""
 
     @staticmethod
     def forward(
@@ -27,8 +26,10 @@ class _StraightThrough(torch.autograd.Function):
         batch_shape, channel_dim = layout[:-1], layout[-1]
         ctx.nu, ctx.rows_shape = nu, z.shape
         ctx.batch_shape, ctx.channel_dim = batch_shape, channel_dim
-        out = quantized.detach().reshape(*batch_shape, -1).movedim(-1, channel_dim)
-        return out.contiguous()
+        # the rows' own layout (channels last for NCHW input), not a contiguous NCHW copy: the
+        # copy cost a transposition each way, and channels-last maps keep the convs around the
+        # layer in their fast path (benchmarks/vq_in_context.py)
+        return quantized.detach().reshape(*batch_shape, -1).movedim(-1, channel_dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -319,7 +319,9 @@ class VQVAE(nn.Module):
         if tokens.dim() != 3:
             raise ValueError(f"expected tokens [N,h,w], got shape {tuple(tokens.shape)}")
         codebook = self.quantizer.codebooks[0].effective()
-        z_q = F.embedding(tokens.long(), codebook).permute(0, 3, 1, 2).contiguous()
+        # channels last, as the quantizer's forward hands it on: the same decoder kernels, the
+        # same image bits
+        z_q = F.embedding(tokens.long(), codebook).permute(0, 3, 1, 2)
         return self.decode_features(z_q)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

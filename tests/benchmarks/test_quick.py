@@ -18,6 +18,7 @@ QUICK = {
     "service_load": ["--quick", "--model-dir", "MODEL"],
     "token_contract": ["--quick"],
     "train_step": ["--quick"],
+    "vq_in_context": ["--quick"],
     "vq_layer": ["--quick"],
 }
 

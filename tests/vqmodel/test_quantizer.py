@@ -238,3 +238,18 @@ def test_config_rejects_bad_values_naming_the_field() -> None:
         QuantizerConfig(dim=64, groups=5)
     with pytest.raises(ValueError, match="affine"):
         QuantizerConfig(affine="sometimes")
+
+
+def test_output_keeps_the_rows_layout_without_a_copy() -> None:
+    # NCHW in: the quantized map comes back as a channels-last view of the rows (no transposing
+    # copy), the layout the convolutions around the layer run fastest in
+    layer = VectorQuantizer(num_codes=16, dim=8)
+    z = torch.randn(2, 8, 5, 6, requires_grad=True)
+    z_q, info = layer(z)
+    assert z_q.shape == z.shape
+    assert z_q.is_contiguous(memory_format=torch.channels_last)
+    codes = layer.codebooks[0].effective().detach()
+    expected = codes[info["indices"]].permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q.detach(), expected, rtol=0, atol=0)
+    z_q.sum().backward()  # the straight-through gradient is still the identity for z
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
