@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from service.files import write_bytes_atomic
 from training.ablation_report import DEFAULT_PAIRS, results_table
 from training.cli_errors import user_error
 from training.config import ConfigError, TrainConfig, apply_override, validate_config
@@ -228,9 +229,8 @@ def _read_results(path: Path) -> dict[str, Any]:
 def _save(out: Path, results: dict[str, Any]) -> None:
     """results.json, then table.md from it."""
     path = out / RESULTS_FILE
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(temp, path)  # a killed run never leaves a half-written results file
+    # atomic: a killed run never leaves a half-written results file
+    write_bytes_atomic(path, (json.dumps(results, indent=2) + "\n").encode())
     (out / TABLE_FILE).write_text(results_table(results))
 
 

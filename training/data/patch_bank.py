@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from service.files import fsync_directory
 from training.data.image_source import (
     ImageItem,
     ImageSource,
@@ -97,6 +98,7 @@ def build_patch_bank(
             os.fsync(written.fileno())
         os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a shared cache should be readable
         os.replace(temp_name, path)
+        fsync_directory(path.parent)  # the rename itself survives a power cut
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
