@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.config import ConfigError
 from vqmodel.distributed import is_distributed
 
 
@@ -37,7 +38,10 @@ def setup(device: str = "auto") -> Runtime:
     """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False")
+        raise ConfigError(  # a user error: one line and exit 2 from every CLI
+            "device: cuda was requested, but this torch build sees no CUDA device "
+            "(torch.cuda.is_available() is False); use device=cpu or device=auto"
+        )
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Runtime(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

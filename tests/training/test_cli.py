@@ -99,3 +99,15 @@ def test_diverged_run_ends_in_one_line_with_status_1(
     monkeypatch.setattr("training.loop.train", diverge)
     assert main(["--config", str(TINY)]) == 1
     assert capsys.readouterr().err == "vqtok-train: loss is nan at step 7; lower optim.lr\n"
+
+
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    import torch
+
+    from training.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["--config", "training/configs/tiny.yaml", "device=cuda", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "device: cuda was requested" in err[0]
