@@ -64,6 +64,7 @@ from service.model_dir import (
     sha256_bytes,
 )
 from training.cli_errors import user_error
+from training.model_card import write_card
 from vqmodel.checkpoint import (
     CheckpointError,
     load_metadata,
@@ -426,6 +427,7 @@ def export_model_dir(
         export = {"command": command, "seconds": time.perf_counter() - started, "parity": parity}
         manifest = build_manifest(model, tmp, fp16, records, card, export, source)
         write_bytes_atomic(tmp / MODEL_FILE, json.dumps(manifest, indent=2).encode())
+        write_card(tmp)  # README.md, every figure read back from model.json
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

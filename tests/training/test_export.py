@@ -54,7 +54,8 @@ def test_onnxruntime_reproduces_torch_exactly(
 def test_model_directory_contents(tiny_model_dir: Path) -> None:
     manifest = json.loads((tiny_model_dir / "model.json").read_text())
     names = sorted(p.name for p in tiny_model_dir.iterdir())
-    assert names == sorted(["model.json", *manifest["files"]])
+    assert names == sorted(["model.json", "README.md", *manifest["files"]])
+    assert (tiny_model_dir / "README.md").read_text().startswith(f"# {manifest['id']}")
     assert not any(name.endswith(".data") for name in names)  # single-file graphs
     assert {"encoder.onnx", "decoder.onnx", "weights.safetensors", "config.json"} <= set(names)
     assert manifest["id"].startswith("vqtok-f8-k64-") and len(manifest["id"]) == 25
