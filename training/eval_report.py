@@ -63,10 +63,35 @@ def report_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             f"| {row['name']} | {row['height']}×{row['width']} | {fmt(row['psnr'], '.2f')} | "
             f"{fmt(row['ssim'], '.4f')} | {row['codes_used']} |"
         )
+    lines += _rate_distortion(r)
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{title}]({file})" for title, file in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def _rate_distortion(report: dict[str, Any]) -> list[str]:
+    rows = report.get("rate_distortion")
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## What the tokens cost",
+        "",
+        f"The tokens: {format_metric(report['psnr'], '.2f')} dB at "
+        f"{report['bpp_fixed']:.4f} bpp (fixed-length) / {report['bpp_entropy']:.4f} bpp "
+        "(entropy). Image codecs on the same images at the same rate (each image at the "
+        "highest quality that fits; `reached: no` = even the lowest quality is larger):",
+        "",
+        "| rate | codec | bpp spent | PSNR (dB) | reached |",
+        "|---|---|---:|---:|---|",
+    ]
+    lines += [
+        f"| {row['target']} ({row['target_bpp']:.4f}) | {row['codec']} | {row['bpp']:.4f} | "
+        f"{format_metric(row['psnr'], '.2f')} | {'yes' if row['reached'] else 'no'} |"
+        for row in rows
+    ]
+    return lines
 
 
 def write_report(

@@ -44,6 +44,7 @@ from training.cli_errors import user_error
 from training.config import ConfigError
 from training.data import open_source
 from training.eval_report import format_metric, write_report
+from training.rate_distortion import codec_table
 from vqmodel import CheckpointError, UsageAccumulator, load_metadata, load_model
 from vqmodel.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vqmodel.vqvae import ModelConfig
@@ -309,6 +310,16 @@ def load_eval_set(
     return names, images
 
 
+def codec_comparison(images: list[np.ndarray], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """JPEG/WebP/AVIF PSNR on the same images at the tokens' two bit rates."""
+    rgb = [np.round(image.transpose(1, 2, 0) * 255.0).astype(np.uint8) for image in images]
+    targets = {
+        "tokens, fixed-length": result["bpp_fixed"],
+        "tokens, entropy": result["bpp_entropy"],
+    }
+    return codec_table(rgb, targets)
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -343,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per same-size batch")
     parser.add_argument("--grid", type=int, default=4, help="images in the reconstruction grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-codecs",
+        action="store_true",
+        help="skip the JPEG/WebP/AVIF comparison at the tokens' bits per pixel",
+    )
     return parser
 
 
@@ -383,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data,
         "device": str(device),
     }
+    if not args.no_codecs:
+        extra["rate_distortion"] = codec_comparison(images, result)
     out = Path(args.out) if args.out else given / "eval"
     written = write_report(result, out, metrics_log=find_metrics_log(model_dir, given), extra=extra)
     fmt = format_metric
