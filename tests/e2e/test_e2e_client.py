@@ -102,3 +102,12 @@ def test_a_503_then_an_answer_is_one_success() -> None:
     with Client("http://vqtok.test", transport=httpx.MockTransport(flaky)) as client:
         image, psnr = client.reconstruct(_photo(5))
     assert psnr == 31.5 and image.size == (96, 64)
+
+
+def test_the_readme_example_runs_as_written(server: Server, tmp_path: Path, monkeypatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("```python\nfrom service.client import Client")
+    code = readme[start + len("```python\n") : readme.index("```", start + 10)]
+    (tmp_path / "photo.jpg").write_bytes(png(_photo(6)))  # Pillow reads it by content
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:8000", server.base_url), "README.md", "exec"), {})
