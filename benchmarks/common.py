@@ -62,6 +62,10 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def start(self) -> ServiceProcess:
+        """Start the service and wait until /health/ready answers 200 (120 s at most)."""
         self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

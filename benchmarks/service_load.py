@@ -37,8 +37,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -48,7 +46,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import free_port, png_bytes
+from benchmarks.common import ServiceProcess, png_bytes
 from service.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,26 +66,12 @@ def photo_crop(size: int = 256) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def start_service(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
+def service_flags(args: argparse.Namespace) -> list[str]:
+    return [
         "--model-dir", str(args.model_dir), "--max-batch", str(args.max_batch),
         "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
-        "--intra-op-threads", str(args.intra_op_threads), "--log-level", "warning",
+        "--intra-op-threads", str(args.intra_op_threads), "--pre-stop-delay-s", "0",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vqtok-serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.terminate()
-    raise SystemExit("vqtok-serve did not become ready in 120 s")
 
 
 class RawEngine:
@@ -253,9 +237,8 @@ def main() -> None:
 
     image = photo_crop()
     engine = RawEngine(args, image)
-    port = free_port()
-    service = start_service(args, port)
-    base_url = f"http://127.0.0.1:{port}"
+    service = ServiceProcess(service_flags(args)).start()
+    base_url = service.url
     try:
         model = httpx.get(base_url + "/v1/model").json()
         encoded = httpx.post(
@@ -284,8 +267,7 @@ def main() -> None:
             raw_runs[operation].append(engine.rate(operation))
         pool.shutdown()
     finally:
-        service.terminate()
-        service.wait(timeout=60)
+        service.stop()
 
     print(f"model {model.get('id')} from {args.model_dir}; {os.cpu_count()} CPUs; "
           f"{args.seconds:g} s per cell; max_batch {args.max_batch}, "
