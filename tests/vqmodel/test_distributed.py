@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # before any process group: see _run
 import torch.multiprocessing as mp
 
 from vqmodel import QuantizerConfig, VectorQuantizer
@@ -46,6 +47,11 @@ def _spawn(worker: Callable[..., None], tmp_path: Path, *args: Any) -> list[Any]
 
 
 def _run(rank: int, init: str, worker: Callable[..., Any], args: tuple, out_dir: str) -> None:
+    # torch.distributed.nn.functional (imported by the first torch.optim optimizer, e.g. the
+    # in-place codebook step's) binds the WORLD group as default arguments when imported after
+    # init: the group then outlives destroy_process_group and gloo's threads abort the process at
+    # exit ("terminate called without an active exception"). This module imports it first, as
+    # training/ddp.py's setup does.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # same initial weights on every rank, as DDP guarantees
