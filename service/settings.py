@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
     image_threads: int = Field(
-        default_factory=lambda: cpu_quota(),
+        default_factory=cpu_quota,
         ge=1,
         description="threads decoding uploads / encoding PNGs (default: the CPU quota)",
     )
