@@ -32,9 +32,7 @@ import json
 import logging
 import os
 import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -65,6 +63,7 @@ from service.model_dir import (
 )
 from training.cli_errors import user_error
 from training.model_card import write_card
+from training.records import command_line, git_state
 from vqmodel.checkpoint import (
     CheckpointError,
     load_metadata,
@@ -392,8 +391,8 @@ def export_model_dir(
         out: the model directory; replaced as a whole if it already holds a model directory.
         training: the training record (data, steps, hardware, wall time, command, git rev...).
         metrics: eval metrics (may be empty).
-        card: extra top-level model.json entries (e.g. a description, licence); ``training``
-            and ``metrics`` in it are merged into the records above.
+        card: the human text of model.json: ``description``, ``license``, ``limitations``
+            (see :func:`check_card`); every figure comes from the records above.
         fp16: conv stacks in half precision (for GPUs); distances and argmin stay fp64. Token
             agreement with fp32 torch is reported, not required.
         source: where the weights came from (a checkpoint path); kept out of the public view.
@@ -409,11 +408,8 @@ def export_model_dir(
     out = Path(out)
     _check_out_dir(out)
     model = model.cpu().eval()
-    card = dict(card or {})
-    records = {
-        "training": {**(training or {}), **card.pop("training", {})},
-        "metrics": {**(metrics or {}), **card.pop("metrics", {})},
-    }
+    card = check_card(card or {})
+    records = {"training": dict(training or {}), "metrics": dict(metrics or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -434,6 +430,31 @@ def export_model_dir(
         raise
     say(f"exported {manifest['id']} to {out}")
     return ExportResult(out, manifest, parity)
+
+
+CARD_KEYS = ("description", "license", "limitations")
+
+
+def check_card(card: dict[str, Any]) -> dict[str, str]:
+    """The card's human text, refused when it holds anything but CARD_KEYS strings or when a
+    text holds a digit: figures on a card come from records (training, eval, export), never typed.
+    """
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise ExportInputError(
+            f"--card: unknown key(s) {unknown}; a card holds only {', '.join(CARD_KEYS)} (the "
+            "training record, metrics and export figures are recorded, not typed)"
+        )
+    for key, text in card.items():
+        if not isinstance(text, str):
+            raise ExportInputError(f"--card: {key} must be a string, got {type(text).__name__}")
+        digits = sorted({char for char in text if char.isdigit()})
+        if digits:
+            raise ExportInputError(
+                f"--card: {key} holds the digit(s) {''.join(digits)}; a card's text carries no "
+                f"figures (they come from model.json's records): {text!r}"
+            )
+    return dict(card)
 
 
 def export_graphs(model: VQVAE, folder: Path, fp16: bool, say: Progress) -> None:
@@ -501,7 +522,7 @@ def build_manifest(
         "metrics": records["metrics"],
         "export": {
             "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-            "git_rev": _git_rev(),
+            **git_state(),
             "command": export["command"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(export["seconds"], 1),
@@ -587,21 +608,6 @@ def training_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return metadata, metrics if isinstance(metrics, dict) else {"value": metrics}
 
 
-def _git_rev() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqtok-export",
@@ -627,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     the export itself fails (onnxruntime does not reproduce torch)."""
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    command = shlex.join(["vqtok-export", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(["vqtok-export", *(sys.argv[1:] if argv is None else argv)])
     try:
         run(args, command)
     except ImportError as err:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 import signal
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from service.images import psnr_from_mse
 from training import ddp
 from training.config import ConfigError, OptimConfig, TrainConfig
 from training.data.stream import PatchStream, patch_stream
+from training.records import command_line, git_state, hardware, utc_now
 from training.run_dir import RunDir
 from training.train_log import TrainLog, Window
 from vqmodel import capture_rng_state, load_model, restore_rng_state
@@ -264,6 +264,10 @@ class RunState:
     step: int = 0
     best_recon: float = math.inf
     wall_before: float = 0.0  # wall time of the earlier invocations of a resumed run
+    cpu_before: float = 0.0  # CPU seconds (all threads) of the earlier invocations
+    started_at: str = field(default_factory=utc_now)  # the first invocation's start (UTC)
+    cpu_started: float = field(default_factory=time.process_time)  # this invocation's start
+    git: dict[str, Any] = field(default_factory=git_state)  # the tree this invocation started on
     seconds_total: float = 0.0  # in the steps of this invocation
     steps_run: int = 0
     record: dict[str, Any] | None = None  # the last metrics.jsonl line
@@ -301,8 +305,9 @@ def save_step_checkpoint(
 ) -> None:
     """``checkpoints/step_N`` with everything a resume needs (every rank compares weights)."""
     wall_s = state.wall_before + time.monotonic() - started
+    cpu_s = state.cpu_before + time.process_time() - state.cpu_started
     training = training_state(state, parts, batches)
-    training["wall_s"] = wall_s
+    training.update(wall_s=wall_s, cpu_s=cpu_s, started_at=state.started_at)
     digests = ddp.digests_by_rank(parts.model, runtime.device)
     if len(set(digests)) > 1:
         warnings.warn(f"ranks hold different weights: {digests}", stacklevel=2)
@@ -312,10 +317,16 @@ def save_step_checkpoint(
         "step": state.step,
         "mode": cfg.mode,
         "wall_s": round(wall_s, 1),
+        "cpu_s": round(cpu_s, 1),  # this process's CPU time over all threads (rank 0)
+        "started_at": state.started_at,
+        "ended_at": utc_now(),
         "device": device_name(runtime.device),
         "world_size": runtime.world_size,
+        "hardware": hardware(),
         "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "command": command_line(),
+        **state.git,
+        "data": batches.source,
         "rank_digests": digests,
     }
     state.last_ckpt = run.save_step(state.step, parts.model, training, meta, cfg.keep_last)
@@ -399,6 +410,8 @@ def resume_from_checkpoint(
     restore_rng_state(saved["rng"])
     state.step, state.best_recon = int(saved["step"]), float(saved["best_recon"])
     state.wall_before = float(saved.get("wall_s", 0.0))  # older checkpoints have none
+    state.cpu_before = float(saved.get("cpu_s", 0.0))
+    state.started_at = saved.get("started_at", state.started_at)
     if is_main:
         print(f"resumed {cfg.out_dir} at step {state.step} from {path}", flush=True)
 

@@ -165,7 +165,7 @@ def test_cli_exports_checkpoint_with_card_and_triton(
     )
     (run / "config.yaml").write_text("data:\n  source: pip-photos\nsteps: 1234\n")
     card = tmp_path / "card.json"
-    card.write_text(json.dumps({"description": "tiny test model", "metrics": {"lpips": 0.3}}))
+    card.write_text(json.dumps({"description": "tiny test model", "license": "MIT"}))
     out, triton = tmp_path / "models" / "tiny", tmp_path / "triton"
 
     code = main([str(checkpoint), "--out", str(out), "--card", str(card), "--triton", str(triton)])
@@ -177,8 +177,8 @@ def test_cli_exports_checkpoint_with_card_and_triton(
     assert manifest["training"]["steps"] == 1234 and manifest["training"]["git_rev"] == "abc1234"
     assert manifest["training"]["run_config"]["data"]["source"] == "pip-photos"
     assert manifest["export"]["command"].startswith("vqtok-export ")
-    assert manifest["metrics"] == {"psnr": 21.5, "lpips": 0.3}
-    assert manifest["description"] == "tiny test model"
+    assert manifest["metrics"] == {"psnr": 21.5}
+    assert manifest["description"] == "tiny test model" and manifest["license"] == "MIT"
     assert (triton / "vq_encoder" / "1" / "model.onnx").is_file()
     exported = Engine(out, providers="cpu", warmup=False)
     assert "source" not in exported.info.public
@@ -190,12 +190,16 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys) -> None
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     checkpoint = save_checkpoint(tmp_path / "ckpt", VQVAE(ModelConfig(base_channels=8)))
     (tmp_path / "card.json").write_text("[1, 2]")
+    (tmp_path / "figures.json").write_text(json.dumps({"description": "f=8, 1024 codes"}))
+    (tmp_path / "typed.json").write_text(json.dumps({"training": {"wall_time": "39 min"}}))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("mine")
     for argv, message in (
         ([tmp_path / "run"], "is a training run directory"),
         ([tmp_path / "missing"], "missing"),
         ([checkpoint, "--card", tmp_path / "card.json"], "expected a JSON object, got list"),
+        ([checkpoint, "--card", tmp_path / "figures.json"], "description holds the digit(s) 01248"),
+        ([checkpoint, "--card", tmp_path / "typed.json"], "unknown key(s) ['training']"),
         ([checkpoint, "--card", tmp_path / "nope.json"], "--card"),
         ([checkpoint, "--out", tmp_path / "notes"], "without model.json; refusing"),
     ):

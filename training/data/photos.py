@@ -8,17 +8,23 @@ scikit-image's pooch downloader out of the picture and avoids importing three he
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from training.data.image_source import (
+    ImageItem,
     ImageSource,
     MissingSourceError,
     UnreadableImageWarning,
     file_item,
+    read_rgb,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -116,16 +122,36 @@ DEBIAN_PHOTO_PACKAGES = {
 DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
 
 
+# The train/validation split of the Debian photos: a photo is in `val` when the hash of its file
+# name falls in the first VAL_FRACTION of the hash range. It depends on nothing but the name, so
+# it is the same on every machine and a package update that adds photos moves none of the others.
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.2
+# Validation photos are wallpapers of up to 3840x2400: evaluated downscaled to this short side,
+# inside the 256-1024 range the patch bank trains on, so a full checkpoint sweep stays cheap.
+VAL_SHORT_SIDE = 512
+
+
+def split_of(name: str) -> str:
+    """'val' or 'train' for a photo's file name (see VAL_FRACTION)."""
+    digest = hashlib.sha256(Path(name).name.encode()).digest()
+    return "val" if int.from_bytes(digest[:4], "big") < VAL_FRACTION * 2**32 else "train"
+
+
 def debian_photos(
     packages: tuple[str, ...] = tuple(DEBIAN_PHOTO_PACKAGES),
     *,
+    split: str | None = None,
     dpkg_info_dir: Path = DPKG_INFO_DIR,
 ) -> ImageSource:
     """The photos of the given Debian wallpaper packages; all must be installed.
 
     Partial sets are refused rather than used: a training recipe that names `debian-photos` should
-    see the same photos on every machine.
+    see the same photos on every machine. `split` keeps only the `train` or `val` photos (see
+    `split_of`); `val` photos load downscaled to a short side of VAL_SHORT_SIDE.
     """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     unknown = [package for package in packages if package not in DEBIAN_PHOTO_PACKAGES]
     if unknown:
         raise ValueError(
@@ -138,11 +164,30 @@ def debian_photos(
             f"Debian package(s) {', '.join(missing)} not installed; "
             f"install with: sudo apt-get install {' '.join(missing)}"
         )
-    items = tuple(file_item(path) for package in packages for path in found[package])
+    paths = [path for package in packages for path in found[package]]
+    if split is not None:
+        paths = [path for path in paths if split_of(path.name) == split]
+    items = tuple(_val_item(path) if split == "val" else file_item(path) for path in paths)
     spec = (
         "debian-photos" if tuple(packages) == tuple(DEBIAN_PHOTO_PACKAGES) else "+".join(packages)
     )
-    return ImageSource(spec=spec, items=items)
+    return ImageSource(spec=f"{spec}:{split}" if split else spec, items=items)
+
+
+def _val_item(path: Path) -> ImageItem:
+    item = file_item(path)
+    return ImageItem(name=item.name, key=item.key, load=lambda: downscale(read_rgb(path)))
+
+
+def downscale(pixels: np.ndarray, short_side: int = VAL_SHORT_SIDE) -> np.ndarray:
+    """uint8 [H, W, 3] resized (Pillow's antialiased bicubic) so min(H, W) == short_side; images
+    already that small are returned as they are."""
+    height, width = pixels.shape[:2]
+    scale = short_side / min(height, width)
+    if scale >= 1:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
 
 
 def _package_photos(package: str, dpkg_info_dir: Path) -> list[Path]:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from training.data.idx import fashion_mnist
 from training.data.image_source import ImageSource
-from training.data.photos import DEBIAN_PHOTO_PACKAGES, debian_photos, folder_images, pip_photos
+from training.data.photos import (
+    DEBIAN_PHOTO_PACKAGES,
+    SPLITS,
+    debian_photos,
+    folder_images,
+    pip_photos,
+)
 
 SOURCE_SPECS = (
     "folder:<path>",
     "pip-photos",
     "debian-photos",
+    "debian-photos:train",
+    "debian-photos:val",
     *DEBIAN_PHOTO_PACKAGES,
     "fashion-mnist",
     "fashion-mnist:test",
@@ -27,6 +35,8 @@ def parse_source(spec: str) -> ImageSource:
         return folder_images(argument)
     if name == "fashion-mnist":
         return fashion_mnist(argument if colon else "train")
+    if name == "debian-photos" and argument in SPLITS:
+        return debian_photos(split=argument)
     if not colon:
         if name == "pip-photos":
             return pip_photos()

@@ -50,14 +50,21 @@ def patch_stream(data: DataConfig, runtime: ddp.Runtime, progress: bool = True) 
             except UnusableSourceError as err:
                 raise ConfigError(f"data.source={data.source!r}: {err}") from None
         ddp.barrier()
-    return PatchStream(bank, data, runtime.world_size)
+    described = {"source": source.spec, "images": len(source), "fingerprint": source.fingerprint()}
+    return PatchStream(bank, data, runtime.world_size, described)
 
 
 class PatchStream:
     """Endless batches of the patch bank. Epoch e reads a fresh loader seeded by (data.seed, e),
     so the position (epoch, batches read) is all a resumed run needs to continue exactly."""
 
-    def __init__(self, bank: np.ndarray, data: DataConfig, world_size: int) -> None:
+    def __init__(
+        self,
+        bank: np.ndarray,
+        data: DataConfig,
+        world_size: int,
+        source: dict[str, object] | None = None,
+    ) -> None:
         per_rank = len(bank) // world_size
         if per_rank < data.batch_size:
             raise ConfigError(
@@ -65,6 +72,7 @@ class PatchStream:
                 f"data.batch_size={data.batch_size}: no full batch per epoch"
             )
         self.bank, self.data = bank, data
+        self.source = source or {}  # what the bank was cut from: spec, image count, fingerprint
         self.epoch, self.batch = 0, 0
         self._batches = None
 
