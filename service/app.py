@@ -5,7 +5,7 @@
 Request path: RequestGate (service/admission.py: API key, media type, body size) → routes
 (service/routes.py: validate, delegate) → TokenizerService (service/tokenizer.py: admission →
 images → MicroBatcher → Engine → wire format). Routes get the service through the typed
-dependency in service/deps.py.
+dependency in service/deps.py. The demo page and the offline /docs, /redoc: service/pages.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from service.engine import Engine
 from service.errors import install_problem_handlers
 from service.metrics import HTTPMetricsMiddleware, ServiceMetrics
 from service.openapi import openapi_document
+from service.pages import install_pages
 from service.routes import router
 from service.settings import Settings
 from service.tokenizer import EngineLike, TokenizerService
@@ -83,10 +84,13 @@ def create_app(
         summary="VQ-VAE image tokenizer: images → integer tokens → images",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # service/pages.py serves /docs and /redoc from the package, not a CDN
+        redoc_url=None,
     )
     app.state.service = service
     install_problem_handlers(app)
     app.include_router(router)
+    install_pages(app)
     known = {getattr(route, "path", "") for route in [*app.routes, *router.routes]}
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, limits=service.limits, api_key=api_key)
