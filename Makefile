@@ -35,14 +35,16 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# resumable: run it again after an interruption and it continues from the newest checkpoint
-# train (resumable: re-run after an interruption), evaluate on the pip-bundled photos at native
-# size, export + verify ONNX parity into models/default with the eval metrics in model.json
+# The pipeline that produced models/default (resumable: re-run it after an interruption):
+# train on debian-photos:train, choose the checkpoint on debian-photos:val (vqtok-select), report
+# it on the pip-bundled test photos at native size, export + verify ONNX parity into
+# models/default; model.json and its card are generated from what these steps recorded.
 DEFAULT_RUN := runs/default
 train-default: $(VENV)/.dev-installed
 	$(BIN)/vqtok-train --config training/configs/default.yaml --resume
-	$(BIN)/vqtok-eval $(DEFAULT_RUN)/checkpoints/latest --data pip-photos --out $(DEFAULT_RUN)/eval
-	$(BIN)/vqtok-export $(DEFAULT_RUN)/checkpoints/latest --out models/default \
+	$(BIN)/vqtok-select $(DEFAULT_RUN) --data debian-photos:val
+	$(BIN)/vqtok-eval $(DEFAULT_RUN)/checkpoints/selected --data pip-photos --out $(DEFAULT_RUN)/eval
+	$(BIN)/vqtok-export $(DEFAULT_RUN)/checkpoints/selected --out models/default \
 		--card training/configs/default-card.json --metrics $(DEFAULT_RUN)/eval/report.json
 
 $(VENV)/.bench-installed: $(VENV)/.dev-installed

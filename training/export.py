@@ -64,6 +64,7 @@ from service.model_dir import (
 from training.cli_errors import user_error
 from training.model_card import write_card
 from training.records import command_line, git_state
+from training.select import read_selection
 from vqmodel.checkpoint import (
     CheckpointError,
     load_metadata,
@@ -605,6 +606,9 @@ def training_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         import yaml
 
         metadata.setdefault("run_config", yaml.safe_load(run_config.read_text()))
+    selection = read_selection(checkpoint)
+    if selection is not None:  # chosen on a validation split by vqtok-select
+        metadata["selection"] = selection
     return metadata, metrics if isinstance(metrics, dict) else {"value": metrics}
 
 

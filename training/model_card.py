@@ -64,8 +64,37 @@ def _architecture_rows(manifest: dict[str, Any]) -> list[str]:
 
 
 def _training_rows(training: dict[str, Any]) -> list[str]:
-    keys = ("step", "mode", "wall_s", "device", "world_size", "torch", "data", "command")
-    return [f"| training {key} | {training[key]} |" for key in keys if key in training]
+    keys = ("step", "mode", "device", "world_size", "torch", "command", "git_rev", "git_dirty")
+    rows = [f"| training {key} | {training[key]} |" for key in keys if key in training]
+    if "wall_s" in training:
+        cpu = f", {training['cpu_s'] / 3600:.2f} CPU hours" if "cpu_s" in training else ""
+        rows.append(f"| training time | {training['wall_s'] / 60:.1f} min wall{cpu} |")
+    if "started_at" in training:
+        rows.append(f"| training ran | {training['started_at']} to {training.get('ended_at')} |")
+    hardware = training.get("hardware")
+    if isinstance(hardware, dict):
+        rows.append(
+            f"| training hardware | {hardware.get('cpu')}, {hardware.get('cpus')} CPUs, "
+            f"{hardware.get('machine')}, {hardware.get('system')} |"
+        )
+    data = training.get("data")
+    if isinstance(data, dict):
+        rows.append(f"| training data | `{data.get('source')}`: {data.get('images')} images |")
+    elif data is not None:
+        rows.append(f"| training data | {data} |")
+    return rows + _selection_rows(training.get("selection"))
+
+
+def _selection_rows(selection: dict[str, Any] | None) -> list[str]:
+    if not selection:
+        return []
+    chosen = selection["chosen"]
+    return [
+        f"| checkpoint choice | step {chosen['step']} of {len(selection['candidates'])} "
+        f"checkpoints, highest {selection['metric']} on `{selection['data']}` "
+        f"({len(selection['images'])} images): {_fmt(chosen['psnr'], '.2f')} dB, usage "
+        f"{_fmt(100 * chosen['usage'], '.1f')} % |"
+    ]
 
 
 def _metric_rows(metrics: dict[str, Any]) -> list[str]:
