@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vqmodel import ModelConfig
 
@@ -79,7 +86,13 @@ class TrainConfig(BaseModel):
     out_dir: str = Field("runs/default", description="the run directory")
     seed: int = Field(0, description="model initialisation seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="bf16 autocast on CUDA; always off on CPU")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bf16 autocast: auto = on CUDA only, bf16 = on any device (CPU too), off",
+    )
+    channels_last: bool = Field(
+        False, description="model and batches in channels-last (NHWC) memory format"
+    )
     compile: bool = Field(False, description="torch.compile the encoder and decoder")
     threads: int | None = Field(
         None, ge=1, description="torch intra-op CPU threads per process; None: torch's default"
@@ -87,6 +100,12 @@ class TrainConfig(BaseModel):
     time_limit_s: float | None = Field(
         None, gt=0.0, description="wall-clock limit: save a checkpoint and exit, resumable"
     )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value: Any) -> Any:
+        # amp: true / false (the older boolean form) mean auto / off
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="before")
     @classmethod

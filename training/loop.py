@@ -71,7 +71,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            x = next(batches).to(device, non_blocking=True)
+            x = next(batches).to(device, non_blocking=True, memory_format=parts.memory_format)
             out = train_step(parts, x, cfg, state.step + 1)
             state.step = step = state.step + 1
             psnr = batch_psnr(out.x_hat, x)
@@ -113,6 +113,7 @@ class TrainParts:
     encode: Callable[[Tensor], Tensor]  # torch.compile'd with cfg.compile
     decode: Callable[[Tensor], Tensor]
     autocast: Callable[[], AbstractContextManager[Any]]
+    memory_format: torch.memory_format  # the batches' layout (channels-last with the model's)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -188,6 +189,8 @@ def build_parts(cfg: TrainConfig, device: torch.device) -> TrainParts:
     """The model (seeded, the same on every rank), its optimisers and their schedules."""
     torch.manual_seed(cfg.seed)
     model = VQVAE(cfg.model).to(device).train()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ddp.broadcast_module_(model)
     optimizer, codebook_optimizer = build_optimizers(model, cfg)
     lr_lambda = partial(lr_factor, optim=cfg.optim, total_steps=cfg.steps)
@@ -197,12 +200,12 @@ def build_parts(cfg: TrainConfig, device: torch.device) -> TrainParts:
     encode, decode = model.encode_features, model.decode_features
     if cfg.compile:
         encode, decode = torch.compile(encode), torch.compile(decode)
-    autocast = (
-        partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-        if cfg.amp and device.type == "cuda"
-        else nullcontext
+    bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return TrainParts(
+        model, optimizer, codebook_optimizer, schedulers, encode, decode, autocast, layout
     )
-    return TrainParts(model, optimizer, codebook_optimizer, schedulers, encode, decode, autocast)
 
 
 def build_optimizers(

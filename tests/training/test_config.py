@@ -36,7 +36,7 @@ def test_overrides_use_dotted_keys_and_yaml_values() -> None:
     assert config.model.quantizer.num_codes == 32
     assert config.optim.lr == pytest.approx(3e-4) and isinstance(config.optim.lr, float)
     assert config.optim.betas == (0.5, 0.9)
-    assert config.amp is False
+    assert config.amp == "off"
     # everything else still comes from the file
     assert config.model.base_channels == yaml.safe_load(TINY.read_text())["model"]["base_channels"]
 
@@ -83,7 +83,7 @@ def test_yaml_scalars_follow_yaml_1_2() -> None:
     # YAML 1.1 would read `off` as False and `3e-4` as a string
     config = load_config(TINY, ["model.quantizer.affine=off", "optim.lr=3e-4", "amp=false"])
     assert config.model.quantizer.affine == "off"
-    assert config.optim.lr == 3e-4 and config.amp is False
+    assert config.optim.lr == 3e-4 and config.amp == "off"
 
 
 def test_mode_inplace_switches_the_quantizer_to_its_inplace_step() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training.config import ConfigError, TrainConfig, load_config
-from training.loop import build_optimizers, lr_factor, train
+from training.loop import build_optimizers, build_parts, lr_factor, train, train_step
 from vqmodel import VQVAE, load_metadata, load_model, load_training_state
 
 TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml"
@@ -221,3 +221,40 @@ def test_non_finite_step_raises_before_any_weight_moves(
     assert model.snapshot is not None
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, model.snapshot[k])]
     assert changed == []
+
+
+def test_bf16_autocast_runs_on_cpu_and_learns(tmp_path: Path, bank_cache: Path) -> None:
+    config = tiny(tmp_path / "run", bank_cache, "amp=bf16", "steps=30", "log_every=5")
+    parts = build_parts(config, torch.device("cpu"))
+    x = torch.rand(2, 3, 16, 16)
+    with parts.autocast():
+        z = parts.encode(x)
+        _, info = parts.model.quantizer(z)
+    assert z.dtype == torch.bfloat16  # the convs run in bf16: the path is really on
+    assert info["loss"].dtype == torch.float32  # the nearest-code search stays fp32
+    summary = train(config, progress=False)
+    recon = [row["recon"] for row in read_metrics(tmp_path / "run")]
+    assert summary["stopped"] == "completed" and recon[-1] < recon[0]
+
+
+def test_channels_last_trains_the_same_model(tmp_path: Path, bank_cache: Path) -> None:
+    x = torch.rand(16, 3, 16, 16)
+    steps = {}
+    for layout in (False, True):
+        config = tiny(tmp_path, bank_cache, f"channels_last={layout}")
+        parts = build_parts(config, torch.device("cpu"))
+        batch = x.to(memory_format=parts.memory_format)
+        steps[layout] = (parts, [train_step(parts, batch, config, step) for step in (1, 2)])
+    (plain, plain_out), (nhwc, nhwc_out) = steps[False], steps[True]
+    conv = next(m for m in nhwc.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.memory_format == torch.channels_last
+    for a, b in zip(plain_out, nhwc_out):  # same math in a new layout: same losses, same tokens
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.info["indices"], b.info["indices"])
+    # Adam's first steps move each weight by ~lr whatever the gradient's size, so summation-order
+    # noise in a near-zero gradient can show up at a fraction of lr; a layout bug (a permuted
+    # weight) would show up at the weights' own scale (~0.1)
+    tolerance = sum(out.lr for out in plain_out) / 2
+    for (name, a), b in zip(plain.model.state_dict().items(), nhwc.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance, msg=name)
