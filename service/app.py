@@ -25,7 +25,7 @@ from service.engine import Engine
 from service.errors import install_problem_handlers
 from service.metrics import HTTPMetricsMiddleware, ServiceMetrics
 from service.openapi import openapi_document
-from service.pages import install_pages
+from service.pages import pages_router
 from service.routes import router
 from service.settings import Settings
 from service.tokenizer import EngineLike, TokenizerService
@@ -90,8 +90,9 @@ def create_app(
     app.state.service = service
     install_problem_handlers(app)
     app.include_router(router)
-    install_pages(app)
-    known = {getattr(route, "path", "") for route in [*app.routes, *router.routes]}
+    pages = pages_router(app.title, app.openapi_url)
+    app.include_router(pages)
+    known = {getattr(route, "path", "") for route in [*app.routes, *router.routes, *pages.routes]}
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, limits=service.limits, api_key=api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=lambda: known)
