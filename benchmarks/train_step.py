@@ -1,11 +1,14 @@
 """Time per training step: the plain VQ-VAE baseline vs the paper's full pipeline (and any other
 ablation row), exactly as configured in training/configs/ablation.yaml.
 
-One step is the body of ``training.loop.train``'s loop without data loading and logging: encode,
-(alternating mode: the codebook step (1) on sg(z)), quantize (k-means init, dead-code replacement
-and affine inside), decode, reconstruction + alpha·VQ loss, backward, gradient clipping, AdamW step.
-It uses the loop's own ``build_optimizers`` and ``reconstruction_loss``. Batches are real patches
-(the pip-bundled photos, built in memory), cycled.
+One step is ``training.loop.train_step`` on the loop's own ``build_parts``: encode, (alternating
+mode: the codebook step (1) on sg(z)), quantize (k-means init, dead-code replacement and affine
+inside), decode, reconstruction + alpha·VQ loss, backward, gradient clipping, AdamW step,
+schedule. Batches are real patches (the pip-bundled photos, built in memory), cycled.
+
+``--recipe CONFIG`` times one plain training config (e.g. the default recipe) instead of ablation
+rows; ``--variants`` adds the same row with channels-last layout, torch.compile or bf16 autocast,
+so a layout or compile choice is measured inside the real training step.
 
 Timing: every row gets ``--warmup`` steps first (past k-means init), then rows are run round-robin
 (A B A B ...) one step at a time in ONE process, so a shared machine's drift hits every row alike;
@@ -17,12 +20,15 @@ median wall time on CUDA.
 
     .venv/bin/python -m benchmarks.train_step                 # baseline vs full, 40 rounds
     .venv/bin/python -m benchmarks.train_step --rows baseline,strong,full --rounds 60
+    .venv/bin/python -m benchmarks.train_step --recipe training/configs/default.yaml \
+        --variants plain,channels_last --threads 1               # the default recipe's layout
     .venv/bin/python -m benchmarks.train_step --quick         # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -34,40 +40,48 @@ import torch
 
 # `python -m benchmarks.train_step` without an editable install
 from training.ablation import DEFAULT_CONFIG, hardware, load_ablation, row_config
-from training.config import TrainConfig
+from training.config import TrainConfig, load_config
 from training.data import build_patch_bank
-from training.loop import build_optimizers, reconstruction_loss
-from vqmodel import VQVAE
+from training.loop import build_parts, train_step
 
 TARGET = 1.25  # issue 3: full pipeline step <= 1.25x the baseline step
 
 
 def make_step(cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], None]:
-    """One optimisation step of ``cfg`` on a batch, as training.loop.train performs it."""
-    torch.manual_seed(cfg.seed)
-    model = VQVAE(cfg.model).to(device).train()
-    quantizer, beta = model.quantizer, cfg.model.quantizer.beta
-    optimizer, codebook_optimizer = build_optimizers(model, cfg)
-    quantizer.attach_optimizer(codebook_optimizer or optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    """One optimisation step of ``cfg`` on a batch: ``training.loop.train_step`` itself, on the
+    loop's own ``build_parts`` (model, optimisers, schedules, autocast, layout)."""
+    parts = build_parts(cfg, device)
+    steps = itertools.count(1)
+    return lambda x: train_step(parts, x.to(memory_format=parts.memory_format), cfg, next(steps))
 
-    def step(x: torch.Tensor) -> None:
-        z = model.encode_features(x)
-        if cfg.mode == "alternating":
-            quantizer.codebook_step(z, codebook_optimizer)
-        z_q, info = quantizer(z)
-        x_hat = model.decode_features(z_q)
-        recon = reconstruction_loss(x_hat.float(), x, cfg.loss)
-        vq = info["loss"] if cfg.mode != "alternating" else (1 - beta) * info["loss_commitment"]
-        loss = recon + cfg.alpha * vq.float()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        optimizer.step()
-        loss.item()  # the loop logs the loss every step: one host sync, like here
 
-    return step
+VARIANTS = {
+    "plain": {},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "bf16": {"amp": "bf16"},
+}
+
+
+def base_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
+    if args.recipe:
+        return {Path(args.recipe).stem: load_config(args.recipe, ["out_dir=/nonexistent"])}
+    spec = load_ablation(args.config)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    return {r: row_config(spec, r, Path("/nonexistent")) for r in rows}
+
+
+def with_variants(configs: dict[str, TrainConfig], variants: list[str]) -> dict[str, TrainConfig]:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    return {
+        (row if variant == "plain" else f"{row}+{variant}"): cfg.model_copy(
+            update=VARIANTS[variant]
+        )
+        for row, cfg in configs.items()
+        for variant in variants
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="distinct batches to cycle")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--recipe", help="a plain training config to time instead of --rows")
+    parser.add_argument(
+        "--variants",
+        default="plain",
+        help=f"comma list of {', '.join(VARIANTS)}: each row as configured (plain) or changed",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, 2 warm-up steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -86,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    spec = load_ablation(args.config)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    configs = {r: row_config(spec, r, Path("/nonexistent")) for r in rows}
+    configs = with_variants(base_configs(args), args.variants.split(","))
+    rows = list(configs)
     first = configs[rows[0]]
     patches = build_patch_bank(
         "pip-photos",
@@ -130,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_ms": 1e3 * min(wall[r]),
             "cpu_median_ms": 1e3 * statistics.median(cpu[r]),
             "cpu_min_ms": 1e3 * min(cpu[r]),
+            "images_per_s": configs[r].data.batch_size / statistics.median(wall[r]),
         }
     for r in rows:
         for key in ("median_ms", "min_ms", "cpu_median_ms", "cpu_min_ms"):
@@ -143,15 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"| row | mode | wall median ms | wall min ms | CPU median ms | CPU min ms "
-        f"| wall median / {ref} | CPU median / {ref} | CPU min / {ref} |"
+        f"| wall median / {ref} | CPU median / {ref} | CPU min / {ref} | images/s (wall median) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = stats[r]
         print(
             f"| {r} | {configs[r].mode} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | "
             f"{s['cpu_median_ms']:.1f} | {s['cpu_min_ms']:.1f} | {s['ratio_median']:.2f}× | "
-            f"{s['ratio_cpu_median']:.2f}× | {s['ratio_cpu_min']:.2f}× |"
+            f"{s['ratio_cpu_median']:.2f}× | {s['ratio_cpu_min']:.2f}× | {s['images_per_s']:.1f} |"
         )
     record = {
         "benchmark": "train_step",
