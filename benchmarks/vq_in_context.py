@@ -7,14 +7,17 @@ our VectorQuantizer vs the VQTorch-style reference layer (benchmarks/vq_layer.py
 The model (written here, shaped like VQTorch's examples/autoencoder.py): 1x28x28 -> conv 16 ->
 pool -> conv 32 -> pool -> 32x7x7 codes (256 codes of 32 dims) -> upsample/conv back to 1x28x28;
 batch 256, AdamW, loss mse + vq loss; random inputs (the step's cost does not depend on them).
-A step is forward + backward + optimizer step. Implementations alternate step by step (A B A B)
-after a warm-up, median and min per option set; target (issue 14): ours <= 0.8x the reference.
+A step is forward + backward + optimizer step. The same comparison runs inside the project's own
+VQ-VAE (the default recipe's widths, a batch of 16 crops of 64x64): ``--models vqvae``.
+Implementations alternate step by step (A B A B) after a warm-up, median and min per option set;
+target (issue 14): ours <= 0.8x the reference.
 Output: a markdown table, then exactly one final line of JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -25,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.vq_layer import ReferenceVQ
-from vqmodel import VectorQuantizer
+from training.config import load_config
+from vqmodel import VQVAE, VectorQuantizer
+
+DEFAULT_RECIPE = "training/configs/default.yaml"
 
 CODES, DIM, BETA = 256, 32, 0.95
 OPTION_SETS = {
@@ -52,17 +58,39 @@ class AutoEncoder(nn.Module):
         return self.decoder(z_q), info["loss"]
 
 
-def build(name: str, options: dict) -> AutoEncoder:
+class VQVAEWith(nn.Module):
+    """The project's VQ-VAE of the default recipe (training/configs/default.yaml: f = 8, widths
+    32-64-128, channel norm, code dim 16) with the given quantizer between encoder and decoder."""
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.net = VQVAE(load_config(DEFAULT_RECIPE).model)
+        self.net.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_q, info = self.net.quantizer(self.net.encode_features(x))
+        return self.net.decode_features(z_q), info["loss"]
+
+
+# model -> (module, codes, dim, one input batch): MNIST-sized autoencoder, the project's VQ-VAE
+MODELS = {
+    "autoencoder": (AutoEncoder, CODES, DIM, (256, 1, 28, 28)),
+    "vqvae": (VQVAEWith, 1024, 16, (16, 3, 64, 64)),  # the default recipe's batch of crops
+}
+
+
+def build(name: str, options: dict, model: str = "autoencoder") -> nn.Module:
+    wrap, codes, dim, _ = MODELS[model]
     if name == "reference":
-        layer: nn.Module = ReferenceVQ(CODES, DIM, BETA, **options)
+        layer: nn.Module = ReferenceVQ(codes, dim, BETA, **options)
     elif options["affine_lr"] > 0:
-        layer = VectorQuantizer(num_codes=CODES, dim=DIM, beta=BETA, affine="learned", **options)
+        layer = VectorQuantizer(num_codes=codes, dim=dim, beta=BETA, affine="learned", **options)
     else:
-        layer = VectorQuantizer(num_codes=CODES, dim=DIM, beta=BETA)
-    return AutoEncoder(layer)
+        layer = VectorQuantizer(num_codes=codes, dim=dim, beta=BETA)
+    return wrap(layer)
 
 
-def step_fn(model: AutoEncoder) -> Callable[[torch.Tensor], None]:
+def step_fn(model: nn.Module) -> Callable[[torch.Tensor], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(x: torch.Tensor) -> None:
@@ -75,10 +103,12 @@ def step_fn(model: AutoEncoder) -> Callable[[torch.Tensor], None]:
     return step
 
 
-def time_set(options: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_set(
+    options: dict, rounds: int, warmup: int, model: str = "autoencoder"
+) -> dict[str, list[float]]:
     torch.manual_seed(0)
-    x = torch.rand(256, 1, 28, 28)
-    steps = {name: step_fn(build(name, options)) for name in ("ours", "reference")}
+    x = torch.rand(*MODELS[model][3])
+    steps = {name: step_fn(build(name, options, model)) for name in ("ours", "reference")}
     for step in steps.values():
         for _ in range(warmup):
             step(x)
@@ -96,24 +126,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="autoencoder,vqvae", help=f"of {', '.join(MODELS)}")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = 3, 1
     torch.set_num_threads(args.threads)
     rows = {}
-    print("| option set | ours median (min) ms | reference median (min) ms | ours / reference |")
-    print("|---|---:|---:|---:|")
-    for name, options in OPTION_SETS.items():
-        times = time_set(options, args.rounds, args.warmup)
+    print(
+        "| model | option set | ours median (min) ms | reference median (min) ms "
+        "| ours / reference |"
+    )
+    print("|---|---|---:|---:|---:|")
+    for model, name in itertools.product(args.models.split(","), OPTION_SETS):
+        options = OPTION_SETS[name]
+        times = time_set(options, args.rounds, args.warmup, model)
         ours, ref = (statistics.median(times[k]) for k in ("ours", "reference"))
-        rows[name] = {
+        rows[f"{model}: {name}"] = {
             "ours_ms": 1000 * ours, "ours_min_ms": 1000 * min(times["ours"]),
             "reference_ms": 1000 * ref, "reference_min_ms": 1000 * min(times["reference"]),
             "ratio": ours / ref,
         }  # fmt: skip
         print(
-            f"| {name} | {1000 * ours:.1f} ({1000 * min(times['ours']):.1f}) | "
+            f"| {model} | {name} | {1000 * ours:.1f} ({1000 * min(times['ours']):.1f}) | "
             f"{1000 * ref:.1f} ({1000 * min(times['reference']):.1f}) | {ours / ref:.2f} |"
         )
     result = {"benchmark": "vq_in_context", "threads": args.threads, "rounds": args.rounds}
