@@ -26,6 +26,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app, load_engine
+from service.cli_parser import CliParser
 from service.drain import DrainingServer, ReadBeforeClose
 from service.engine import EngineError
 from service.settings import Settings
@@ -57,7 +58,7 @@ FLAGS: dict[str, tuple[type, str]] = {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vqtok-serve",
         description="Serve a vqtok model over HTTP (API: README 'HTTP API', /docs when running). "
         "One process: to scale, run more replicas behind a load balancer.",

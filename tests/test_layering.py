@@ -21,13 +21,14 @@ FORBIDDEN = {
     "training": (),
 }
 # what training may use of the runtime: the model folder, the image policy, the engine (parity),
-# atomic writes and the error type; none of them may pull in the web stack
+# atomic writes, the error type and the one-line CLI parser; none of them may pull in the web stack
 TRAINING_MAY_IMPORT = {
     "service.model_dir",
     "service.images",
     "service.engine",
     "service.files",
     "service.problems",
+    "service.cli_parser",
 }
 WEB_STACK = ("fastapi", "starlette", "uvicorn", "pydantic_settings", "anyio")
 MAX_FUNCTION_LINES = 80

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from service.cli_parser import CliParser
 from service.files import write_bytes_atomic
 from training.ablation_report import DEFAULT_PAIRS, results_table
 from training.cli_errors import user_error
@@ -333,7 +334,7 @@ def _row_record(
 
 # -- CLI -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vqtok-ablation",
         description="Train every ablation row (same model, data, steps, seed), evaluate each at "
         "native size, write results.json and table.md. Finished rows are skipped on re-run.",

@@ -13,12 +13,13 @@ import argparse
 import json
 import sys
 
+from service.cli_parser import CliParser
 from training.cli_errors import user_error
 from training.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vqtok-train",
         description="Train a vqtok VQ-VAE tokenizer.",
         epilog="Overrides use dotted keys, values parsed as YAML: "

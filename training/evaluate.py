@@ -38,6 +38,7 @@ import torch
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
+from service.cli_parser import CliParser
 from service.images import pad_to_multiple as pad_array
 from service.images import psnr_from_mse
 from training.cli_errors import user_error
@@ -334,7 +335,7 @@ def _pick_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vqtok-eval",
         description="Evaluate a tokenizer checkpoint at native image size and write a report.",
     )

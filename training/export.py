@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.cli_parser import CliParser
 from service.images import fit_crop
 from service.model_dir import (
     DECODER_FILE,
@@ -613,7 +614,7 @@ def training_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vqtok-export",
         description="Export a vqmodel checkpoint to a served model directory (ONNX + model.json).",
     )

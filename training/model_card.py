@@ -11,12 +11,12 @@ describes; the only human text is model.json's `description`, `license` and `lim
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli_parser import CliParser
 from service.files import write_bytes_atomic
 from service.model_dir import MODEL_FILE
 
@@ -162,7 +162,7 @@ def write_card(model_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CliParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
     args = parser.parse_args(argv)

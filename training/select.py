@@ -15,7 +15,6 @@ selection.json in model.json. Re-running re-evaluates every checkpoint (a few se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from service.cli_parser import CliParser
 from service.files import write_bytes_atomic
 from training.cli_errors import user_error
 from training.config import ConfigError
@@ -92,7 +92,7 @@ def read_selection(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CliParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
     parser.add_argument(
         "--data", default=DEFAULT_DATA, help=f"validation source, default {DEFAULT_DATA}"
