@@ -8,6 +8,7 @@ runtime, and the runtime nothing of the (torch) library; both are held to the sa
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,3 +44,26 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def point_symlink_atomic(link: str | os.PathLike[str], target: str) -> None:
+    """Make `link` a symlink to `target` (relative to the link's directory) atomically: a new
+    link under a temp name, renamed over the old one; readers see the old target or the new."""
+    link = Path(link)
+    temp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    temp.unlink(missing_ok=True)
+    os.symlink(target, temp)
+    os.replace(temp, link)
+    fsync_directory(link.parent)
+
+
+def replace_directory(new: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Rename the finished directory `new` to `out`; an old `out` is moved aside first, then
+    removed (readers see the old directory or the new one, never a mix of files)."""
+    new, out = Path(new), Path(out)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    fsync_directory(out.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.cli_parser import CliParser
+from service.files import replace_directory, write_bytes_atomic
 from service.images import fit_crop
 from service.model_dir import (
     DECODER_FILE,
@@ -66,13 +67,7 @@ from training.cli_errors import user_error
 from training.model_card import write_card
 from training.records import command_line, git_state
 from training.select import read_selection
-from vqmodel.checkpoint import (
-    CheckpointError,
-    load_metadata,
-    load_model,
-    save_checkpoint,
-    write_bytes_atomic,
-)
+from vqmodel.checkpoint import CheckpointError, load_metadata, load_model, save_checkpoint
 from vqmodel.search import SERVED_DTYPE, CodebookTerms, nearest_codes
 from vqmodel.vqvae import VQVAE
 
@@ -426,7 +421,7 @@ def export_model_dir(
         manifest = build_manifest(model, tmp, fp16, records, card, export, source)
         write_bytes_atomic(tmp / MODEL_FILE, json.dumps(manifest, indent=2).encode())
         write_card(tmp)  # README.md, every figure read back from model.json
-        _swap_into_place(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -565,16 +560,6 @@ def _check_out_dir(out: Path) -> None:
             f"--out {out} is a non-empty directory without {MODEL_FILE}; refusing to replace it "
             "(choose a new directory or remove it)"
         )
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory to ``out``; an old ``out`` is moved aside first, then removed
-    (readers see the old directory or the new one, never a mix)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- CLI -------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from service.files import point_symlink_atomic, write_bytes_atomic
 from training.config import ConfigError, TrainConfig, parse_yaml
-from vqmodel import CheckpointError, load_training_state, save_checkpoint, write_bytes_atomic
+from vqmodel import CheckpointError, load_training_state, save_checkpoint
 from vqmodel.vqvae import VQVAE, ModelConfig
 
 CHECKPOINT_PREFIX = "step_"
@@ -128,7 +129,4 @@ class RunDir:
         return save_checkpoint(self.best, model, None, None, metadata)
 
     def _point_latest_to(self, name: str) -> None:
-        temp = self.checkpoints / f".latest.{os.getpid()}.tmp"
-        temp.unlink(missing_ok=True)
-        os.symlink(name, temp)
-        os.replace(temp, self.latest)  # atomic: readers see the old or the new target
+        point_symlink_atomic(self.latest, name)  # readers see the old or the new target

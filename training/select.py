@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from service.cli_parser import CliParser
-from service.files import write_bytes_atomic
+from service.files import point_symlink_atomic, write_bytes_atomic
 from training.cli_errors import user_error
 from training.config import ConfigError
 from training.evaluate import evaluate, load_eval_set
@@ -69,16 +69,8 @@ def select_checkpoint(
     record = {"data": data, "metric": "psnr", "images": names, "chosen": chosen,
               "candidates": candidates}  # fmt: skip
     write_bytes_atomic(run.root / SELECTION_FILE, json.dumps(record, indent=2).encode())
-    _point_selected_to(run, chosen["checkpoint"])
+    point_symlink_atomic(run.checkpoints / SELECTED_LINK, chosen["checkpoint"])
     return record
-
-
-def _point_selected_to(run: RunDir, name: str) -> None:
-    link = run.checkpoints / SELECTED_LINK
-    temp = run.checkpoints / f".{SELECTED_LINK}.{os.getpid()}.tmp"
-    temp.unlink(missing_ok=True)
-    os.symlink(name, temp)
-    os.replace(temp, link)  # atomic: readers see the old or the new target
 
 
 def read_selection(checkpoint: Path) -> dict[str, Any] | None:
