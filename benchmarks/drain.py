@@ -52,7 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
 
 
-
 def encode_request() -> tuple[bytes, dict[str, str]]:
     """One multipart body with a 64×64 noise PNG, built once."""
     buffer = io.BytesIO()

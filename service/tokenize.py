@@ -1,34 +1,34 @@
-"""Offline tokenizing: a folder of images -> sharded token files for training a generative model.
+"""Offline tokenizing: images -> sharded token files for training a generative model.
 
     vqtok-tokenize photos/ --out tokens/ --model-dir models/default [--resize fit|pad]
+    vqtok-tokenize 'data/{00000..00099}.tar' --out tokens/ --output-format parquet
+    vqtok-tokenize train-*.parquet --out tokens/ --num-shards 8 --shard-index 3
+    vqtok-tokenize photos/ --out tokens/ --distributor ray        # local Ray, or RAY_ADDRESS
 
     tokens/
-      manifest.json          model id and facts, settings, per-shard records, unreadable files
-      shard-00000.npz        tokens uint16, names, original_sizes, image_sizes, token_shapes
+      manifest.json          model id and facts, input, settings, part, per-shard records,
+                             unreadable items and inputs, the run's report
+      shard-00000.npz        (or .parquet) formats in service/tokenize_outputs.py
       shard-00001.npz        ...
 
-Files are sorted by relative path and shard ``i`` holds files ``[i*S, (i+1)*S)``. Each shard is
-self-describing (model id, the file names it covers, the files it could not read) and written
-atomically, so a re-run skips every shard that is complete for the same model and the same file
-list, and a crash costs at most the shard in progress. Images go through the service's own
-admission and image policy (``service.admission``, ``service.images``): offline tokens equal what
-``POST /v1/encode`` returns, and at most ``--batch-size`` decoded images exist at a time.
+Inputs (``service.tokenize_inputs``): a folder (recursive), WebDataset ``.tar`` shards (brace
+patterns expanded here), or Parquet files with an image-bytes column. A part's items are cut in
+reading order into shards of ``--shard-size``; each shard is self-describing and written
+atomically, so a re-run skips every shard that is complete for the same model and the same keys,
+and a crash costs at most the shards in progress. ``--num-shards N --shard-index I`` runs one
+of N disjoint parts that together cover the input exactly once (the rule is in
+``service.tokenize_inputs``). Images go through the service's own admission and image policy:
+offline tokens equal what ``POST /v1/encode`` returns, and at most ``--batch-size`` decoded
+images exist at a time. Unreadable files, tar members and Parquet rows are listed in the
+manifest, never fatal.
 
-Shard arrays (``np.load(shard)``):
-- ``tokens``: ``fit`` -> uint16 [n, h, w]; ``pad`` (sizes differ) -> uint16 [sum h*w], row-major
-  per image, image ``i`` at ``offsets[i]:offsets[i+1]`` with shape ``token_shapes[i]``.
-- ``names`` (str [n]), ``original_sizes`` / ``image_sizes`` / ``token_shapes`` (int32 [n, 2],
-  H x W), ``offsets`` (int64 [n+1]), ``unreadable_names`` / ``unreadable_errors`` (str),
-  ``model_id`` (str scalar).
-
-Numpy, Pillow and onnxruntime only: no torch.
+Numpy, Pillow and onnxruntime only (pyarrow for Parquet, ray for ``--distributor ray``, both
+imported only when used): no torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 from collections import defaultdict
@@ -38,182 +38,104 @@ from typing import Any
 
 import numpy as np
 
-from service.admission import Limits, ModelGeometry, prepare_upload
-from service.engine import Engine, EngineError
-from service.files import write_bytes_atomic
-from service.images import PreparedImage
-from service.problems import Problem
+from service.admission import ModelGeometry
+from service.cli_parser import CliParser
+from service.engine import PROVIDER_CHOICES, Engine, EngineError
+from service.tokenize_inputs import (
+    IMAGE_SUFFIXES,
+    INPUT_KINDS,
+    InputSpec,
+    Item,
+    TokenizeError,
+    UsageError,
+    read_items,
+    resolve_inputs,
+)
+from service.tokenize_outputs import OUTPUT_FORMATS, EncodedShard
+from service.tokenize_run import (
+    MAX_TOKEN_GRID,
+    ImagePreparer,
+    TokenizeOptions,
+    TokenizeRun,
+    part_folder,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MANIFEST_FILE = "manifest.json"
-FORMAT = "vqtok-tokens"
-FORMAT_VERSION = 1
-# 128 x 128 tokens = 1024 x 1024 pixels at f = 8: ~0.6 GiB of onnxruntime working memory
-MAX_TOKEN_GRID = 128 * 128
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_TOKEN_GRID",
+    "TokenizeError",
+    "TokenizeOptions",
+    "UsageError",
+    "main",
+    "tokenize",
+    "tokenize_folder",
+]
+DISTRIBUTORS = ("single", "ray")
 
 
-class TokenizeError(RuntimeError):
-    """The run cannot start or continue (bad folder, another model's output...)."""
+def tokenize(
+    spec: InputSpec, out: str | os.PathLike[str], engine: Engine, options: TokenizeOptions
+) -> dict[str, Any]:
+    """Tokenize one part of ``spec`` into ``out`` in this process; returns the manifest."""
+    run = TokenizeRun.start(spec, out, engine.info, options)
+    from tqdm import tqdm
 
-
-def list_images(root: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``, sorted (the shard order)."""
-    if not root.is_dir():
-        raise TokenizeError(f"IMAGE_DIR {root} is not a directory")
-    return sorted(
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-    )
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.npz"
-
-
-def _finished(path: Path, model_id: str, names: list[str]) -> dict[str, Any] | None:
-    """The shard's record if ``path`` is complete for this model and exactly these files."""
+    total = sum(len(run.shards[i]) for i in run.todo)
+    bar = tqdm(total=total, unit="img", disable=not options.show_progress, desc="tokenizing")
+    preparer = ImagePreparer(ModelGeometry.from_model_info(engine.info), options)
     try:
-        with np.load(path, allow_pickle=False) as shard:
-            covered = [*shard["names"].tolist(), *shard["unreadable_names"].tolist()]
-            if str(shard["model_id"]) != model_id or sorted(covered) != sorted(names):
-                return None
-            return _record(
-                path.name,
-                shard["names"].tolist(),
-                shard["unreadable_names"].tolist(),
-                shard["unreadable_errors"].tolist(),
-            )
-    except (OSError, ValueError, KeyError):  # missing, truncated, or not ours: redo it
-        return None
+        for index in run.todo:
+            shard = encode_items(engine, spec, run.shards[index], preparer, options, bar)
+            run.write_shard(index, shard)
+    finally:
+        bar.close()
+    return run.finish()
 
 
-def _record(file: str, names: list, bad_names: list, bad_errors: list) -> dict[str, Any]:
-    return {
-        "file": file,
-        "images": len(names),
-        "unreadable": [{"name": n, "error": e} for n, e in zip(bad_names, bad_errors)],
-    }
-
-
-def encode_shard(
+def encode_items(
     engine: Engine,
-    root: Path,
-    names: list[str],
-    *,
-    resize: str,
-    batch_size: int,
-    max_pixels: int,
-    max_token_grid: int = MAX_TOKEN_GRID,
+    spec: InputSpec,
+    items: list[Item],
+    preparer: ImagePreparer,
+    options: TokenizeOptions,
     progress: Any = None,
-) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """Decode and encode ``names``; returns (shard arrays, [(unreadable name, why)]).
+) -> EncodedShard:
+    """Read, prepare and encode ``items`` in order; failures go to the shard's unreadable list.
 
     At most ``batch_size`` decoded images exist at a time, whatever the shard size or the photo
     sizes: memory is bounded by batch_size x the largest image admission lets through.
     """
-    limits = Limits(
-        max_body_bytes=0,
-        max_pixels=max_pixels,
-        max_images=batch_size,
-        max_token_grid=max_token_grid,
-        max_request_bytes=0,
-    )
-    model = ModelGeometry.from_model_info(engine.info)
-    tokens: dict[str, np.ndarray] = {}
-    sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # original, image size
-    unreadable: list[tuple[str, str]] = []
-    for start in range(0, len(names), batch_size):
-        chunk = names[start : start + batch_size]
-        prepared = _prepare_chunk(root, chunk, resize, model, limits, unreadable, progress)
-        # one engine call per same-shape group; the pixels are dropped after the chunk
-        by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for name, image in prepared.items():
-            by_shape[image.image_size].append(name)
-            sizes[name] = (image.original_size, image.image_size)
+    shard = EncodedShard(engine.info.id)
+    results: dict[int, tuple[np.ndarray, tuple[int, int], tuple[int, int]]] = {}
+    pending: list[tuple[int, Any]] = []  # (position in items, prepared image)
+
+    def flush() -> None:
+        # one engine call per same-shape group; the pixels are dropped after the batch
+        by_shape: dict[tuple[int, int], list[tuple[int, Any]]] = defaultdict(list)
+        for position, image in pending:
+            by_shape[image.image_size].append((position, image))
         for group in by_shape.values():
-            batch = np.stack([prepared[name].pixels for name in group])
-            for name, grid in zip(group, engine.encode(batch)):
-                tokens[name] = grid.astype(np.uint16)
+            grids = engine.encode(np.stack([image.pixels for _, image in group]))
+            for (position, image), grid in zip(group, grids):
+                results[position] = (grid, image.original_size, image.image_size)
         if progress is not None:
-            progress.update(len(prepared))
-        del prepared
+            progress.update(len(pending))
+        pending.clear()
 
-    done = [name for name in names if name in tokens]  # file order inside the shard
-    grids = [tokens[name] for name in done]
-    shapes = np.array([g.shape for g in grids], np.int32).reshape(-1, 2)
-    offsets = np.concatenate([[0], np.cumsum([g.size for g in grids])]).astype(np.int64)
-    if resize == "fit" and grids:
-        flat_or_grid = np.stack(grids)
-    else:
-        flat_or_grid = np.concatenate([g.ravel() for g in grids]) if grids else np.zeros(0)
-    arrays = {
-        "tokens": flat_or_grid.astype(np.uint16),
-        "token_shapes": shapes,
-        "offsets": offsets,
-        "names": np.array(done, dtype=str),
-        "original_sizes": np.array([sizes[n][0] for n in done], np.int32).reshape(-1, 2),
-        "image_sizes": np.array([sizes[n][1] for n in done], np.int32).reshape(-1, 2),
-        "unreadable_names": np.array([n for n, _ in unreadable], dtype=str),
-        "unreadable_errors": np.array([e for _, e in unreadable], dtype=str),
-        "model_id": np.array(engine.info.id),
-    }
-    return arrays, unreadable
-
-
-def _prepare_chunk(
-    root: Path,
-    names: list[str],
-    resize: str,
-    model: ModelGeometry,
-    limits: Limits,
-    unreadable: list[tuple[str, str]],
-    progress: Any,
-) -> dict[str, PreparedImage]:
-    """The service's admission + image policy for each file; failures go to ``unreadable``."""
-    prepared: dict[str, PreparedImage] = {}
-    for name in names:
-        try:
-            data = (root / name).read_bytes()
-            prepared[name] = prepare_upload(
-                data,
-                policy=resize,
-                model=model,
-                limits=limits,
-                field=name,  # type: ignore[arg-type]
-            )
-        except Problem as err:  # the service's policy: not an image, corrupt, over a limit
-            unreadable.append((name, err.detail))
-        except (OSError, ValueError) as err:  # unreadable file, or a decoder bug Pillow leaks
-            unreadable.append((name, f"{type(err).__name__}: {err}"))
-        else:
+    for position, (item, data) in enumerate(read_items(spec, items)):
+        prepared = preparer(item.key, data)
+        if isinstance(prepared, str):
+            shard.unreadable.append((item.key, prepared))
+            if progress is not None:
+                progress.update(1)
             continue
-        if progress is not None:
-            progress.update(1)
-    return prepared
-
-
-def _new_manifest(
-    info: Any, root: Path, resize: str, shard_size: int, files: int
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model": {
-            "id": info.id,
-            "codebook_size": info.codebook_size,
-            "downsample": info.downsample,
-            "image_size": info.image_size,
-        },
-        "source": str(root.resolve()),
-        "resize": resize,
-        "layout": "grid [n,h,w]" if resize == "fit" else "ragged (offsets, token_shapes)",
-        "token_dtype": "uint16",
-        "shard_size": shard_size,
-        "files": files,
-        "complete": False,
-        "shards": [],
-    }
+        pending.append((position, prepared))
+        if len(pending) == options.batch_size:
+            flush()
+    flush()
+    for position in sorted(results):  # item order inside the shard
+        shard.add(items[position].key, *results[position])
+    return shard
 
 
 def tokenize_folder(
@@ -228,97 +150,41 @@ def tokenize_folder(
     max_token_grid: int = MAX_TOKEN_GRID,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize every image under ``image_dir`` into shards in ``out``; returns the manifest."""
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise TokenizeError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    if resize not in ("fit", "pad"):
-        raise TokenizeError(f"--resize={resize!r} must be 'fit' or 'pad'")
-    root, out = Path(image_dir), Path(out)
-    names = list_images(root)
-    if not names:
-        raise TokenizeError(f"no {'/'.join(IMAGE_SUFFIXES)} files under {root}")
-    out.mkdir(parents=True, exist_ok=True)
-    _check_previous_run(out / MANIFEST_FILE, engine.info.id, resize)
-
-    from tqdm import tqdm
-
-    info = engine.info
-    manifest = _new_manifest(info, root, resize, shard_size, len(names))
-    shards = [names[i : i + shard_size] for i in range(0, len(names), shard_size)]
-    bar = tqdm(total=len(names), unit="img", disable=not show_progress, desc="tokenizing")
-    skipped = 0
-    try:
-        for index, shard_names in enumerate(shards):
-            path = out / shard_name(index)
-            record = _finished(path, info.id, shard_names)
-            if record is None:
-                arrays, bad = encode_shard(
-                    engine,
-                    root,
-                    shard_names,
-                    resize=resize,
-                    batch_size=batch_size,
-                    max_pixels=max_pixels,
-                    max_token_grid=max_token_grid,
-                    progress=bar,
-                )
-                buffer = io.BytesIO()
-                np.savez(buffer, **arrays)
-                write_bytes_atomic(path, buffer.getvalue())
-                record = _record(
-                    path.name, arrays["names"].tolist(), [n for n, _ in bad], [e for _, e in bad]
-                )
-            else:
-                skipped += 1
-                bar.update(len(shard_names))
-            manifest["shards"].append(record)
-            _write_manifest(out, manifest)  # after every shard: progress survives a crash
-    finally:
-        bar.close()
-    # shards of an earlier, longer file list would be stale: remove them
-    for stale in out.glob("shard-*.npz"):
-        if stale.name not in {s["file"] for s in manifest["shards"]}:
-            stale.unlink()
-    manifest["complete"] = True
-    manifest["skipped_shards"] = skipped
-    _write_manifest(out, manifest)
-    return manifest
-
-
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    records = manifest["shards"]
-    manifest["images"] = sum(r["images"] for r in records)
-    manifest["unreadable"] = [item for r in records for item in r["unreadable"]]
-    write_bytes_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-
-
-def _check_previous_run(path: Path, model_id: str, resize: str) -> None:
-    # mixing two models' tokens (or two resize policies) in one data set would be silent poison
-    if not path.exists():
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError:
-        return
-    before = (previous.get("model", {}).get("id"), previous.get("resize"))
-    if before != (model_id, resize):
-        raise TokenizeError(
-            f"{path.parent} holds tokens of model {before[0]} with resize={before[1]}; this run "
-            f"uses model {model_id} with resize={resize}: choose another --out"
-        )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vqtok-tokenize",
-        description="Encode a folder of images into sharded uint16 token files (.npz).",
+    """Tokenize every image under ``image_dir`` into ``.npz`` shards in ``out``."""
+    options = TokenizeOptions(
+        batch_size=batch_size,
+        shard_size=shard_size,
+        resize=resize,
+        max_pixels=max_pixels,
+        max_token_grid=max_token_grid,
+        show_progress=show_progress,
     )
-    parser.add_argument("image_dir", help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--model-dir", default="models/default", help="exported model directory")
+    return tokenize(InputSpec("folder", (str(image_dir),)), out, engine, options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(
+        prog="vqtok-tokenize",
+        description="Encode images (a folder, WebDataset .tar shards or Parquet files) into "
+        "sharded token files (.npz or Parquet) + manifest.json; re-run to resume.",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="a folder, .tar files (brace patterns such as 'data/{00000..00099}.tar' are "
+        "expanded) or .parquet files",
+    )
+    parser.add_argument("--out", required=True, help="output folder: shards + manifest.json")
+    parser.add_argument("--model-dir", default="models/default", help="exported model folder")
+    parser.add_argument("--input-format", choices=("auto", *INPUT_KINDS), default="auto")
+    parser.add_argument("--image-column", help="Parquet image column (default: image, else jpg)")
+    parser.add_argument("--key-column", default="key", help="Parquet key column (else FILE/ROW)")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="npz")
     parser.add_argument("--batch-size", type=int, default=32, help="images per engine call")
-    parser.add_argument("--shard-size", type=int, default=1024, help="images per .npz shard")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per output shard")
+    parser.add_argument("--num-shards", type=int, default=1, help="split the input in N parts")
+    parser.add_argument("--shard-index", type=int, default=0, help="the part to run (0-based)")
     parser.add_argument(
         "--resize",
         choices=("fit", "pad"),
@@ -332,31 +198,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=MAX_TOKEN_GRID,
         help="h*w tokens per image (bounds the engine's memory with --resize pad)",
     )
-    parser.add_argument("--providers", default="auto", help="auto | cpu | cuda | tensorrt")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    parser.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per engine")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    _add_ray_flags(parser)
+    return parser
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributor",
+        choices=DISTRIBUTORS,
+        default="single",
+        help="single: this process; ray: Ray Data (a local Ray, or the cluster at RAY_ADDRESS)",
+    )
+    parser.add_argument("--ray-cpus", type=int, default=0, help="local Ray CPUs (0: all)")
+    parser.add_argument(
+        "--actors", type=int, default=0, help="Ray engine actors (0: one per GPU or per 2 CPUs)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = TokenizeOptions(
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        resize=args.resize,
+        max_pixels=args.max_pixels,
+        max_token_grid=args.max_token_grid,
+        output_format=args.output_format,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        show_progress=not args.quiet,
+    )
     try:
-        engine = Engine(args.model_dir, providers=args.providers, intra_op_threads=args.threads)
-        manifest = tokenize_folder(
-            args.image_dir,
-            args.out,
-            engine,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            resize=args.resize,
-            max_pixels=args.max_pixels,
-            max_token_grid=args.max_token_grid,
-            show_progress=not args.quiet,
-        )
+        options.check()
+        for name in ("threads", "ray_cpus", "actors"):
+            if getattr(args, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+        spec = resolve_inputs(
+            args.inputs, args.input_format, image_column=args.image_column,
+            key_column=args.key_column,
+        )  # fmt: skip
+        manifest = _run(args, spec, options)
+    except UsageError as err:
+        print(f"vqtok-tokenize: error: {err}", file=sys.stderr)
+        return 2
     except (EngineError, TokenizeError) as err:
         print(f"vqtok-tokenize: error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"{manifest['images']} images -> {len(manifest['shards'])} shards in {args.out} "
-        f"({manifest['skipped_shards']} already done, {len(manifest['unreadable'])} unreadable)"
-    )
+    print(_summary(manifest, part_folder(Path(args.out), options)))
     return 0
+
+
+def _run(args: argparse.Namespace, spec: InputSpec, options: TokenizeOptions) -> dict[str, Any]:
+    if args.distributor == "ray":
+        from service.tokenize_ray import RayOptions, tokenize_with_ray
+
+        ray_options = RayOptions(
+            model_dir=args.model_dir, providers=args.providers, threads=args.threads,
+            actors=args.actors, local_cpus=args.ray_cpus,
+        )  # fmt: skip
+        return tokenize_with_ray(spec, args.out, options, ray_options)
+    engine = Engine(args.model_dir, providers=args.providers, intra_op_threads=args.threads)
+    return tokenize(spec, args.out, engine, options)
+
+
+def _summary(manifest: dict[str, Any], out: Path) -> str:
+    report = manifest["report"]
+    return (
+        f"{manifest['images']} images -> {len(manifest['shards'])} shards in {out} "
+        f"({manifest['skipped_shards']} already done, {len(manifest['unreadable'])} unreadable); "
+        f"{manifest['tokens']} tokens; this run: {report['encoded_this_run']} images in "
+        f"{report['seconds']:.1f} s = {report['images_per_s']:.1f} images/s"
+    )
 
 
 if __name__ == "__main__":

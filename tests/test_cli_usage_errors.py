@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from service.cli import parse_args as serve_args
+from service.tokenize import main as tokenize_main
 from training.ablation import main as ablation_main
 from training.cli import main as train_main
 from training.evaluate import main as eval_main
@@ -16,6 +17,7 @@ from training.select import main as select_main
 
 COMMANDS: dict[str, Callable] = {
     "vqtok-serve": serve_args,
+    "vqtok-tokenize": tokenize_main,
     "vqtok-train": train_main,
     "vqtok-eval": eval_main,
     "vqtok-select": select_main,
@@ -25,7 +27,11 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
-REQUIRED = {"vqtok-train": ["--config", "x.yaml"], "vqtok-export": ["ckpt", "--out", "out"]}
+REQUIRED = {
+    "vqtok-train": ["--config", "x.yaml"],
+    "vqtok-export": ["ckpt", "--out", "out"],
+    "vqtok-tokenize": ["photos", "--out", "tokens"],
+}
 
 
 @pytest.mark.parametrize("name", COMMANDS)
