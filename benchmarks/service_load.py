@@ -48,6 +48,7 @@ from PIL import Image
 
 from benchmarks.common import ServiceProcess, png_bytes
 from service.engine import Engine
+from service.images import unit_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16, 64)
@@ -79,7 +80,7 @@ class RawEngine:
 
     def __init__(self, args: argparse.Namespace, image: np.ndarray) -> None:
         self.engine = Engine(args.model_dir, intra_op_threads=args.intra_op_threads)
-        pixels = (image.transpose(2, 0, 1)[None] / 255).astype(np.float32)
+        pixels = unit_pixels(image)[None]
         self.inputs = {"encode": np.repeat(pixels, args.max_batch, 0)}
         self.inputs["decode"] = self.engine.encode(self.inputs["encode"])
         self.batch = args.max_batch

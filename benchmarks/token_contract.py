@@ -42,6 +42,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from service.engine import ENCODER_INPUT, Engine
+from service.images import unit_pixels
 from training.data import MissingSourceError, debian_photos, pip_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ class Crop:
         rows = slice(self.top, self.top + self.height)
         cols = slice(self.left, self.left + self.width)
         rgb = photos[self.photo][rows, cols]
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        return unit_pixels(rgb)
 
 
 def crop_groups(

@@ -133,9 +133,20 @@ def decode_image(
             rgb.close()
     finally:
         image.close()
-    pixels = np.empty((3, *array.shape[:2]), np.float32)
-    np.multiply(array.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=pixels)
-    return PreparedImage(pixels=pixels, original_size=original_size)
+    return PreparedImage(pixels=unit_pixels(array), original_size=original_size)
+
+
+def unit_pixels(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1], each value v as float32(v / 255).
+
+    The one conversion of the project: the division is correctly rounded, so it equals torch's
+    ``x.float() / 255`` in training and evaluation and what export verified the graphs on. (A
+    multiplication by float32(1/255) is off by one ulp for some v, enough to flip a near-tie
+    token.)
+    """
+    pixels = np.empty((3, *rgb.shape[:2]), np.float32)
+    np.divide(rgb.transpose(2, 0, 1), np.float32(255.0), out=pixels)
+    return pixels
 
 
 def _apply_policy(

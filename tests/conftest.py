@@ -29,6 +29,7 @@ def photo_images() -> list:
     import numpy as np
     from PIL import Image
 
+    from service.images import unit_pixels
     from training.data import pip_photos
 
     photos = []
@@ -39,7 +40,7 @@ def photo_images() -> list:
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - w) // 2, (size[1] - h) // 2
         crop = np.asarray(image.crop((left, top, left + w, top + h)))
-        photos.append(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0)
+        photos.append(unit_pixels(crop))
     return photos
 
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from service.cli_parser import CliParser
 from service.images import pad_to_multiple as pad_array
-from service.images import psnr_from_mse
+from service.images import psnr_from_mse, unit_pixels
 from training.cli_errors import user_error
 from training.config import ConfigError
 from training.data import open_source
@@ -305,7 +305,7 @@ def load_eval_set(
         if limit is not None and len(images) >= limit:
             break
         names.append(name)
-        images.append(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0)
+        images.append(unit_pixels(rgb))
     if not images:
         raise ConfigError(f"{key}={spec!r} yielded no readable images")
     return names, images

@@ -48,7 +48,7 @@ from torch import nn
 
 from service.cli_parser import CliParser
 from service.files import replace_directory, write_bytes_atomic
-from service.images import fit_crop
+from service.images import fit_crop, unit_pixels
 from service.model_dir import (
     DECODER_FILE,
     DECODER_INPUT,
@@ -298,8 +298,7 @@ def verification_photos(sizes: Sequence[tuple[int, int]], count: int) -> dict[tu
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
         crops = [fit_crop(photo, side)[top : top + h, left : left + w] for photo in photos]
-        stack = np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        batches[(h, w)] = np.ascontiguousarray(stack)
+        batches[(h, w)] = np.stack([unit_pixels(crop) for crop in crops])
     return batches
 
 

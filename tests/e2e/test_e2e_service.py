@@ -19,6 +19,7 @@ import pytest
 from e2e_support import DEFAULT_MODEL, REPO, Server, bomb_png, png, read_png, start_server
 
 from service.engine import Engine
+from service.images import unit_pixels
 from training.data import pip_photos
 
 TIMEOUT = httpx.Timeout(120.0)
@@ -83,8 +84,7 @@ def test_photo_round_trip_is_what_the_engine_computes(
         rgb = result["rgb"]
         h, w = rgb.shape[:2]
         padded = np.pad(rgb, ((0, -h % f), (0, -w % f), (0, 0)), mode="edge")
-        pixels = padded.transpose(2, 0, 1)[None].astype(np.float32) / 255
-        tokens = engine.encode(pixels)[0]
+        tokens = engine.encode(unit_pixels(padded)[None])[0]
         item = result["item"]
         got = np.frombuffer(base64.b64decode(item["tokens"]), "<u2").reshape(item["shape"])
         np.testing.assert_array_equal(got, tokens, err_msg=result["name"])

@@ -16,6 +16,7 @@ from e2e_support import png, start_server
 
 from benchmarks.token_contract import Crop, contract_photos, crop_groups
 from service.engine import Engine
+from service.images import unit_pixels
 from service.tokenize import main as tokenize_main
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "default"
@@ -31,8 +32,7 @@ def crops() -> list[tuple[np.ndarray, np.ndarray]]:
     for group in crop_groups(photos, 8, TOKENS, seed=11):
         for crop in group:
             rgb = _rgb(crop, photos)
-            pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1), np.float32) / 255.0
-            pairs.append((rgb, engine.encode(pixels[None])[0]))
+            pairs.append((rgb, engine.encode(unit_pixels(rgb)[None])[0]))
     return pairs
 
 

@@ -11,6 +11,7 @@ import pytest
 from tokenize_support import MODEL_DIR, manifests, read_tokens, stems, unreadable
 
 from service.engine import Engine
+from service.images import unit_pixels
 from service.tokenize import main, tokenize
 from service.tokenize_inputs import resolve_inputs
 from service.tokenize_run import TokenizeOptions
@@ -42,8 +43,7 @@ def test_the_folder_gives_the_engines_tokens(inputs, engine: Engine, folder_toke
             rgb = np.asarray(image.convert("RGB"))
         # resize=pad by hand: edge-pad bottom/right to multiples of f = 8, then [0, 1] floats
         padded = np.pad(rgb, ((0, -rgb.shape[0] % 8), (0, -rgb.shape[1] % 8), (0, 0)), "edge")
-        pixels = padded.transpose(2, 0, 1) * np.float32(1.0 / 255.0)
-        expected = engine.encode(pixels[None].astype(np.float32))[0]
+        expected = engine.encode(unit_pixels(padded)[None])[0]
         np.testing.assert_array_equal(folder_tokens[key], expected, err_msg=key)
         assert len(np.unique(expected)) > 5  # real tokens, not a constant
 
