@@ -51,14 +51,22 @@ def reset_peak_rss(pid: int) -> None:
 class ServiceProcess:
     """`python -m service.cli` on a free loopback port; ready on enter, stopped on exit."""
 
-    def __init__(self, flags: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        flags: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        log_level: str = "warning",
+        log: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
             sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(self.port),
-            "--log-level", "warning", *flags,
+            "--log-level", log_level, *flags,
         ]  # fmt: skip
         self.env = {**os.environ, **(env or {})}
+        self.log = log  # the service's stdout + stderr go there when given (else inherited)
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServiceProcess:
@@ -66,11 +74,18 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         """Start the service and wait until /health/ready answers 200 (120 s at most)."""
-        self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env)
+        if self.log is None:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env)
+        else:
+            with self.log.open("wb") as out:
+                self.process = subprocess.Popen(
+                    self.command, cwd=REPO, env=self.env, stdout=out, stderr=out
+                )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"vqtok-serve exited with {self.process.returncode}")
+                shown = f":\n{self.log.read_text()}" if self.log is not None else ""
+                raise SystemExit(f"vqtok-serve exited with {self.process.returncode}{shown}")
             try:
                 if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
                     return self

@@ -32,10 +32,8 @@ import argparse
 import http.client
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,9 +44,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import free_port
+from benchmarks.common import REPO, ServiceProcess
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
 
 
@@ -143,33 +140,14 @@ def ready_poller(port: int, stop: threading.Event, seen: list[tuple[float, str]]
         time.sleep(0.01)
 
 
-def start_service(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-        "--model-dir", str(args.model_dir), "--log-level", "info",
-    ]  # fmt: skip
+def start_service(args: argparse.Namespace, log: Path) -> ServiceProcess:
     env = {
-        **os.environ,
         "VQTOK_INTRA_OP_THREADS": "1",
         # env, not a flag: the same script measures a vqtok-serve from before the flag existed
         "VQTOK_PRE_STOP_DELAY_S": str(args.pre_stop_delay_s),
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = log.read_text()
-            log.unlink()
-            raise SystemExit(f"vqtok-serve exited with {process.returncode}:\n{text}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("vqtok-serve did not become ready in 120 s")
+    flags = ["--model-dir", str(args.model_dir)]
+    return ServiceProcess(flags, env, log_level="info", log=log).start()
 
 
 def ready_window(seen: list[tuple[float, str]], sigterm_at: float) -> dict[str, float | None]:
@@ -186,9 +164,10 @@ def ready_window(seen: list[tuple[float, str]], sigterm_at: float) -> dict[str, 
 
 
 def run_case(args: argparse.Namespace, clients: int) -> dict[str, object]:
-    port = free_port()
     log = Path(tempfile.mkstemp(prefix="vqtok-drain-", suffix=".log")[1])
-    process = start_service(args, port, log)
+    server = start_service(args, log)
+    port, process = server.port, server.process
+    assert process is not None
     stop_clients, stop_poller = threading.Event(), threading.Event()
     tallies = [Tally() for _ in range(clients)]
     seen: list[tuple[float, str]] = []

@@ -245,7 +245,11 @@ class Decoder(nn.Module):
 # -- the model -----------------------------------------------------------------------------------
 class VQVAE(nn.Module):
     """Image tokenizer. ``encode``/``decode`` are the inference (and ONNX export) entry points;
-    ``forward`` is the training step's reconstruction with the quantizer's losses in ``info``."""
+    ``forward`` is the one-call reconstruction with the quantizer's losses in ``info`` (standard
+    and in-place modes, tests, users' own loops). ``training.loop.train_step`` calls the three
+    pieces (``encode_features``, ``quantizer``, ``decode_features``) itself: the alternating mode
+    puts the codebook step between encoding and quantizing, and the pieces are what
+    ``torch.compile`` wraps."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -325,7 +329,7 @@ class VQVAE(nn.Module):
         return self.decode_features(z_q)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Training reconstruction: (images [N,3,H,W] in [0,1], the quantizer's info dict)."""
+        """Reconstruction for training: (images [N,3,H,W] in [0,1], the quantizer's info dict)."""
         z = self.encode_features(images)
         z_q, info = self.quantizer(z)
         return self.decode_features(z_q), info
