@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from training.ablation_report import row_of, seed_label, seed_order
-from training.evaluate import _same_shape_batches, load_eval_set, pad_to_multiple
+from training.evaluate import load_eval_set, pad_to_multiple, same_shape_batches
 from vqmodel import load_model
 from vqmodel.search import nearest_codes
 
@@ -43,7 +43,7 @@ def relative_gap(checkpoint: str, images: list[Any]) -> tuple[float, float]:
     quantizer = model.quantizer
     codebook = quantizer.codebooks[0].effective()
     gap, rows_all, mse_z = 0.0, [], []
-    for _, batch in _same_shape_batches(images, [str(i) for i in range(len(images))], 1):
+    for _, batch in same_shape_batches(images, [str(i) for i in range(len(images))], 1):
         h, w = batch.shape[-2:]
         z = model.encode_features(pad_to_multiple(batch, model.config.downsample))
         unquantized = model.decode_features(z)[..., :h, :w]

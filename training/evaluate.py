@@ -108,7 +108,7 @@ def _as_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float()
 
 
-def _same_shape_batches(
+def same_shape_batches(
     images: Iterable[np.ndarray | torch.Tensor], names: Iterable[str], batch_size: int
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Group consecutive images of equal size into batches of at most ``batch_size``."""
@@ -175,7 +175,7 @@ def evaluate(
     pixels = 0
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc="evaluate", disable=not progress) as bar:
-        for batch_names, batch in _same_shape_batches(images, names_iter, batch_size):
+        for batch_names, batch in same_shape_batches(images, names_iter, batch_size):
             recon, tokens = reconstruct(model, batch.to(device))
             recon, tokens = recon.float().cpu(), tokens.cpu()
             accumulator.update(tokens)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class QuantizerConfig(BaseModel):
-    """All options of :class:`vqmodel.VectorQuantizer` (DESIGN.md, "The quantizer").
+    """All options of :class:`vqmodel.VectorQuantizer` (docs/quantizer.md).
 
     Unknown keys and wrong types are rejected with the offending field named, so a typo in a
     YAML file fails before any work starts.
