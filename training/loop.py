@@ -64,6 +64,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         state = RunState(window=Window(cfg.model.quantizer.num_codes))
         if resume:
             resume_from_checkpoint(run, state, parts, batches, cfg, is_main)
+        state.invocations.append(invocation(state.step))
         if is_main:
             run.truncate_metrics_after(state.step)  # drop what the interrupted run logged after it
         log = TrainLog(run, cfg.steps, state.step, writes=is_main, progress=progress)
@@ -271,6 +272,9 @@ class RunState:
     started_at: str = field(default_factory=utc_now)  # the first invocation's start (UTC)
     cpu_started: float = field(default_factory=time.process_time)  # this invocation's start
     git: dict[str, Any] = field(default_factory=git_state)  # the tree this invocation started on
+    # every invocation of the run so far (a resumed run's earlier ones from its checkpoint): the
+    # command line, when it started and at which step, so a record shows each resume's changes
+    invocations: list[dict[str, Any]] = field(default_factory=list)
     seconds_total: float = 0.0  # in the steps of this invocation
     steps_run: int = 0
     record: dict[str, Any] | None = None  # the last metrics.jsonl line
@@ -310,7 +314,9 @@ def save_step_checkpoint(
     wall_s = state.wall_before + time.monotonic() - started
     cpu_s = state.cpu_before + time.process_time() - state.cpu_started
     training = training_state(state, parts, batches)
-    training.update(wall_s=wall_s, cpu_s=cpu_s, started_at=state.started_at)
+    training.update(
+        wall_s=wall_s, cpu_s=cpu_s, started_at=state.started_at, invocations=state.invocations
+    )
     digests = ddp.digests_by_rank(parts.model, runtime.device)
     if len(set(digests)) > 1:
         warnings.warn(f"ranks hold different weights: {digests}", stacklevel=2)
@@ -328,6 +334,7 @@ def save_step_checkpoint(
         "hardware": hardware(),
         "torch": torch.__version__,
         "command": command_line(),
+        "invocations": state.invocations,
         **state.git,
         "data": batches.source,
         "rank_digests": digests,
@@ -356,6 +363,11 @@ def run_summary(
 
 
 # -- checkpoint state ------------------------------------------------------------------------------
+def invocation(step: int) -> dict[str, Any]:
+    """This process's entry in the run's invocation history."""
+    return {"from_step": step, "started_at": utc_now(), "command": command_line()}
+
+
 def training_state(state: RunState, parts: TrainParts, batches: PatchStream) -> dict[str, Any]:
     """Everything besides the weights (and buffers) that a run needs to continue exactly."""
     model = parts.model
@@ -415,6 +427,7 @@ def resume_from_checkpoint(
     state.wall_before = float(saved.get("wall_s", 0.0))  # older checkpoints have none
     state.cpu_before = float(saved.get("cpu_s", 0.0))
     state.started_at = saved.get("started_at", state.started_at)
+    state.invocations = list(saved.get("invocations", []))  # older checkpoints have none
     if is_main:
         print(f"resumed {cfg.out_dir} at step {state.step} from {path}", flush=True)
 

@@ -71,6 +71,13 @@ def _training_rows(training: dict[str, Any]) -> list[str]:
         rows.append(f"| training time | {training['wall_s'] / 60:.1f} min wall{cpu} |")
     if "started_at" in training:
         rows.append(f"| training ran | {training['started_at']} to {training.get('ended_at')} |")
+    invocations = training.get("invocations") or []
+    if len(invocations) > 1:  # a resumed run: each invocation, so config changes are visible
+        runs = "; ".join(
+            f"from step {run.get('from_step')} at {run.get('started_at')}: `{run.get('command')}`"
+            for run in invocations
+        )
+        rows.append(f"| training invocations | {len(invocations)}: {runs} |")
     hardware = training.get("hardware")
     if isinstance(hardware, dict):
         rows.append(

@@ -29,3 +29,16 @@ def test_the_card_follows_the_records() -> None:
     changed["metrics"]["per_image"][0]["psnr"] = 12.5
     new = render_card(changed, sizes)
     assert "31.25 dB" in new and "12.50" in new and new != card
+
+
+def test_a_resumed_run_lists_its_invocations() -> None:
+    manifest = json.loads((DEFAULT / "model.json").read_text())
+    changed = copy.deepcopy(manifest)
+    changed["training"]["invocations"] = [
+        {"from_step": 0, "started_at": "2026-12-02T01:00:00Z", "command": "vqtok-train A"},
+        {"from_step": 79, "started_at": "2026-12-02T02:00:00Z", "command": "vqtok-train B"},
+    ]
+    card = render_card(changed, {})
+    first = "from step 0 at 2026-12-02T01:00:00Z: `vqtok-train A`;"
+    assert f"| training invocations | 2: {first}" in card
+    assert "from step 79 at 2026-12-02T02:00:00Z: `vqtok-train B` |" in card

@@ -20,6 +20,7 @@ import torch
 from training.config import load_config
 from training.loop import train
 from vqmodel import load_model
+from vqmodel.checkpoint import load_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -66,6 +67,12 @@ def test_resumed_run_matches_uninterrupted_run(
     for a, b in zip(expected, got):
         for key in ("loss", "recon", "vq", "psnr", "usage", "perplexity", "dead_codes", "lr"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+    # the record lists every invocation: where each started, so a resume's changes stay visible
+    for run, starts in ((straight, [0]), (resumed, [0, 5])):
+        invocations = load_metadata(run / "checkpoints" / "step_0000010")["invocations"]
+        assert [entry["from_step"] for entry in invocations] == starts
+        assert all(entry["command"] and entry["started_at"] for entry in invocations)
 
     weights = [
         load_model(run / "checkpoints" / "step_0000010")[0].state_dict()
