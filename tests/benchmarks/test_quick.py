@@ -15,6 +15,7 @@ QUICK = {
     "abuse": ["memory", "--quick"],
     "drain": ["--quick"],
     "engine": ["--quick", "--model-dir", "MODEL"],
+    "quant_gap": ["--quick", "--checkpoint", "MODEL"],
     "service_load": ["--quick", "--model-dir", "MODEL"],
     "token_contract": ["--quick"],
     "train_step": ["--quick"],
