@@ -35,15 +35,20 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    """A process's resident memory (VmRSS) or its high-water mark (VmHWM), MiB."""
+def rss_bytes(pid: int | str = "self", key: str = "VmRSS") -> int:
+    """A process's resident memory (VmRSS) or its high-water mark (VmHWM), bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024  # reported in kB
     raise KeyError(key)
 
 
-def reset_peak_rss(pid: int) -> None:
+def rss_mib(pid: int | str = "self", key: str = "VmRSS") -> float:
+    """:func:`rss_bytes` in MiB."""
+    return rss_bytes(pid, key) / 2**20
+
+
+def reset_peak_rss(pid: int | str = "self") -> None:
     """Start a new VmHWM window (Linux: writing 5 to clear_refs resets the high-water mark)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 

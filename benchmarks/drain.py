@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import signal
 import subprocess
@@ -42,21 +41,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
-from benchmarks.common import REPO, ServiceProcess
+from benchmarks.common import REPO, ServiceProcess, png_bytes
 
 TIMEOUT_S = 30.0
 
 
 def encode_request() -> tuple[bytes, dict[str, str]]:
     """One multipart body with a 64×64 noise PNG, built once."""
-    buffer = io.BytesIO()
     rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     request = httpx.Request(
         "POST", "http://x/v1/encode",
-        files=[("images", ("x.png", buffer.getvalue(), "image/png"))], data={"resize": "none"},
+        files=[("images", ("x.png", png_bytes(rgb), "image/png"))], data={"resize": "none"},
     )  # fmt: skip
     return request.read(), {"content-type": request.headers["content-type"]}
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import reset_peak_rss, rss_bytes
 from service.engine import Engine
 from vqmodel import VQVAE, ModelConfig, load_model
 
@@ -148,12 +149,7 @@ def latency(model_dir: Path, size: int, rounds: int) -> dict[str, float]:
 
 # -- peak memory (fresh process per runtime x op) ----------------------------------------------
 def _rss_now_and_peak() -> tuple[int, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
+    return rss_bytes("self", "VmRSS"), rss_bytes("self", "VmHWM")
 
 
 def peak_memory_child(model_dir: Path, runtime: str, op: str, threads: int, batch: int) -> None:
@@ -166,7 +162,7 @@ def peak_memory_child(model_dir: Path, runtime: str, op: str, threads: int, batc
     run(x)  # allocator caches warm at this batch: the second call shows the steady state
     with contextlib.suppress(OSError):  # hand freed heap back first (glibc)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    reset_peak_rss()  # VmHWM back to the current RSS
     before, _ = _rss_now_and_peak()
     run(x)
     _, peak = _rss_now_and_peak()

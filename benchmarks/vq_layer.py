@@ -53,6 +53,7 @@ from torch import nn
 
 # the script lives in benchmarks/, the package next to it; make `python -m benchmarks.vq_layer`
 # work without an editable install
+from benchmarks.common import reset_peak_rss, rss_bytes
 from vqmodel import VectorQuantizer
 
 try:
@@ -311,21 +312,12 @@ def time_option_set(
 
 
 # -- peak memory (child process side) -----------------------------------------------------------
-_PROC_STATUS = Path("/proc/self/status")
-_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 PEAK_METHODS = {
     "vmhwm": "CPU: peak RSS during a step minus RSS before it (VmHWM reset, malloc_trim), "
     "after a warm step, median of 5 steps, fresh process per impl, median over processes",
     "maxrss": "ru_maxrss of a fresh process minus that of a baseline process (preamble only)",
     "cuda": "torch.cuda.max_memory_allocated over one warm step minus memory_allocated before",
 }
-
-
-def _status_bytes(field: str) -> int:
-    for line in _PROC_STATUS.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(field)
 
 
 def _reset_rss_peak() -> bool:
@@ -335,7 +327,7 @@ def _reset_rss_peak() -> bool:
     and exec), so after the timing phase every child would report the parent's footprint.
     """
     try:
-        _PROC_CLEAR_REFS.write_text("5")
+        reset_peak_rss()
         return True
     except OSError:
         return False
@@ -373,10 +365,10 @@ def _steady_rss_peak(impl: Impl, z: torch.Tensor, cycles: int) -> int:
     readings = []
     for _ in range(cycles):
         _malloc_trim()
-        before = _status_bytes("VmRSS")
+        before = rss_bytes("self", "VmRSS")
         _reset_rss_peak()
         step(impl, z)
-        readings.append(_status_bytes("VmHWM") - before)
+        readings.append(rss_bytes("self", "VmHWM") - before)
     return int(statistics.median(readings))
 
 
@@ -410,9 +402,10 @@ def measure_peak_in_this_process(
 
 # -- peak memory (parent side) -------------------------------------------------------------------
 def run_child(impl_name: str, option_set: str, device: torch.device) -> tuple[int, str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-memory", impl_name, option_set]
+    cmd = [sys.executable, "-m", "benchmarks.vq_layer", "--peak-memory", impl_name, option_set]
     cmd += ["--device", str(device)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=repo)
     reading = json.loads(result.stdout.strip().splitlines()[-1])
     return int(reading["peak_bytes"]), str(reading["method"])
 

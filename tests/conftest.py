@@ -29,18 +29,16 @@ def photo_images() -> list:
     import numpy as np
     from PIL import Image
 
-    from service.images import unit_pixels
+    from service.images import fit_crop, unit_pixels
     from training.data import pip_photos
 
     photos = []
     for (h, w), (_, rgb) in zip(PHOTO_SIZES, pip_photos().images()):
-        image = Image.fromarray(rgb)
-        scale = max(h / image.height, w / image.width)
-        size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - w) // 2, (size[1] - h) // 2
-        crop = np.asarray(image.crop((left, top, left + w, top + h)))
-        photos.append(unit_pixels(crop))
+        # the service's fit to the longer side, then the centre h x w (as export verification)
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        crop = fit_crop(Image.fromarray(rgb), side)[top : top + h, left : left + w]
+        photos.append(unit_pixels(np.ascontiguousarray(crop)))
     return photos
 
 

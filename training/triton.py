@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from service.files import replace_directory
 from service.model_dir import MODEL_FILE, read_manifest
 
 ENCODER_MODEL = "vq_encoder"
@@ -114,12 +115,7 @@ def write_triton_repository(
             (tmp / "vqtok.json").write_text(
                 json.dumps({"id": manifest["id"], "graph": graph_key, "io": graph}, indent=2)
             )
-            final = repository / name
-            old = repository / f".{name}.old-{os.getpid()}"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_directory(tmp, repository / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import math
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from e2e_support import DEFAULT_MODEL, REPO, Server, bomb_png, png, read_png, start_server
 
 from service.engine import Engine
-from service.images import unit_pixels
+from service.images import psnr_from_mse, unit_pixels
 from training.data import pip_photos
 
 TIMEOUT = httpx.Timeout(120.0)
@@ -30,8 +29,7 @@ def upload(*images: bytes, field: str = "images") -> list[tuple[str, tuple[str, 
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    return psnr_from_mse(float(np.mean((a.astype(np.float64) / 255 - b / 255) ** 2)))
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,7 @@ def _error(overrides: list[str], path: Path | None = TINY) -> str:
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml"])
 def test_shipped_training_configs_load(name: str) -> None:
-    path = CONFIG_DIR / name
-    if not path.exists():
-        pytest.skip(f"{name} not written yet")
-    config = load_config(path)
+    config = load_config(CONFIG_DIR / name)
     assert config.data.patch_size % config.model.downsample == 0
 
 
