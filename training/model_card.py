@@ -11,14 +11,13 @@ describes; the only human text is model.json's `description`, `license` and `lim
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from service.cli_parser import CliParser
 from service.files import write_bytes_atomic
-from service.model_dir import MODEL_FILE
+from service.model_dir import MODEL_FILE, ModelDirError, read_manifest
 
 CARD_FILE = "README.md"
 
@@ -157,7 +156,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def card_for(model_dir: Path) -> str:
-    manifest = json.loads((model_dir / MODEL_FILE).read_text())
+    manifest = read_manifest(model_dir)  # a ModelDirError names the file and what is wrong
     sizes = {name: (model_dir / name).stat().st_size for name in manifest.get("files", {})}
     return render_card(manifest, sizes)
 
@@ -173,22 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
     args = parser.parse_args(argv)
-    if not (args.model_dir / MODEL_FILE).is_file():
-        print(f"model_card: {args.model_dir} has no {MODEL_FILE}", file=sys.stderr)
+    try:
+        card = card_for(args.model_dir)
+    except ModelDirError as err:  # missing folder, missing or broken model.json: one line
+        print(f"model_card: error: {err}", file=sys.stderr)
         return 2
+    path = args.model_dir / CARD_FILE
     if args.check:
-        current = (
-            (args.model_dir / CARD_FILE).read_text()
-            if (args.model_dir / CARD_FILE).is_file()
-            else ""
-        )
-        if current != card_for(args.model_dir):
-            print(
-                f"model_card: {args.model_dir / CARD_FILE} is stale; regenerate it", file=sys.stderr
-            )
+        if (path.read_text() if path.is_file() else "") != card:
+            print(f"model_card: {path} is stale; regenerate it", file=sys.stderr)
             return 1
         return 0
-    print(write_card(args.model_dir))
+    write_bytes_atomic(path, card.encode())
+    print(path)
     return 0
 
 

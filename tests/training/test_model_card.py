@@ -42,3 +42,11 @@ def test_a_resumed_run_lists_its_invocations() -> None:
     first = "from step 0 at 2026-12-02T01:00:00Z: `vqtok-train A`;"
     assert f"| training invocations | 2: {first}" in card
     assert "from step 79 at 2026-12-02T02:00:00Z: `vqtok-train B` |" in card
+
+
+def test_a_missing_or_broken_model_json_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    assert main([str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "model.json").write_text("{not json")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "does not exist" in err[0] and "not valid JSON" in err[1], err
