@@ -2,7 +2,7 @@
 
 with ServiceProcess(["--model-dir", "models/default"]) as server:
     httpx.get(server.url + "/health/ready")
-    peak = server.peak_rss_mib()
+    peak = rss_mib(server.pid, "VmHWM")  # its high-water mark, MiB
 """
 
 from __future__ import annotations
