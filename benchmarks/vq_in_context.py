@@ -9,8 +9,10 @@ pool -> conv 32 -> pool -> 32x7x7 codes (256 codes of 32 dims) -> upsample/conv 
 batch 256, AdamW, loss mse + vq loss; random inputs (the step's cost does not depend on them).
 A step is forward + backward + optimizer step. The same comparison runs inside the project's own
 VQ-VAE (the default recipe's widths, a batch of 16 crops of 64x64): ``--models vqvae``.
-Implementations alternate step by step (A B A B) after a warm-up, median and min per option set;
-target (issue 14): ours <= 0.8x the reference.
+Implementations alternate step by step (A B C A B C) after a warm-up, median and min per option
+set; target (issue 14): ours <= 0.8x the reference. The third, ``floor``, is the same model with
+no quantizer at all (z passes through, channels last, zero vq loss): ``floor / reference`` is the smallest ratio
+any quantizer could reach in that model, the share of the step the layer can win back at most.
 Output: a markdown table, then exactly one final line of JSON.
 """
 
@@ -79,10 +81,23 @@ MODELS = {
 }
 
 
+class NoQuantizer(nn.Module):
+    """The floor: z passed through (one copy into the channels-last layout both quantizers return,
+    in which the decoder's convs are fastest on CPU) and a zero vq loss."""
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return z.contiguous(memory_format=torch.channels_last), {"loss": z.new_zeros(())}
+
+
+IMPLEMENTATIONS = ("ours", "reference", "floor")
+
+
 def build(name: str, options: dict, model: str = "autoencoder") -> nn.Module:
     wrap, codes, dim, _ = MODELS[model]
-    if name == "reference":
-        layer: nn.Module = ReferenceVQ(codes, dim, BETA, **options)
+    if name == "floor":
+        layer: nn.Module = NoQuantizer()
+    elif name == "reference":
+        layer = ReferenceVQ(codes, dim, BETA, **options)
     elif options["affine_lr"] > 0:
         layer = VectorQuantizer(num_codes=codes, dim=dim, beta=BETA, affine="learned", **options)
     else:
@@ -108,7 +123,7 @@ def time_set(
 ) -> dict[str, list[float]]:
     torch.manual_seed(0)
     x = torch.rand(*MODELS[model][3])
-    steps = {name: step_fn(build(name, options, model)) for name in ("ours", "reference")}
+    steps = {name: step_fn(build(name, options, model)) for name in IMPLEMENTATIONS}
     for step in steps.values():
         for _ in range(warmup):
             step(x)
@@ -135,22 +150,22 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     print(
         "| model | option set | ours median (min) ms | reference median (min) ms "
-        "| ours / reference |"
+        "| no quantizer median (min) ms | ours / reference | floor / reference |"
     )
-    print("|---|---|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for model, name in itertools.product(args.models.split(","), OPTION_SETS):
         options = OPTION_SETS[name]
         times = time_set(options, args.rounds, args.warmup, model)
-        ours, ref = (statistics.median(times[k]) for k in ("ours", "reference"))
+        ours, ref, floor = (statistics.median(times[k]) for k in IMPLEMENTATIONS)
         rows[f"{model}: {name}"] = {
             "ours_ms": 1000 * ours, "ours_min_ms": 1000 * min(times["ours"]),
             "reference_ms": 1000 * ref, "reference_min_ms": 1000 * min(times["reference"]),
-            "ratio": ours / ref,
+            "floor_ms": 1000 * floor, "floor_min_ms": 1000 * min(times["floor"]),
+            "ratio": ours / ref, "floor_ratio": floor / ref,
         }  # fmt: skip
-        print(
-            f"| {model} | {name} | {1000 * ours:.1f} ({1000 * min(times['ours']):.1f}) | "
-            f"{1000 * ref:.1f} ({1000 * min(times['reference']):.1f}) | {ours / ref:.2f} |"
-        )
+        cells = [f"{1000 * statistics.median(times[k]):.1f} ({1000 * min(times[k]):.1f})"
+                 for k in IMPLEMENTATIONS]  # fmt: skip
+        print(f"| {model} | {name} | {' | '.join(cells)} | {ours / ref:.2f} | {floor / ref:.2f} |")
     result = {"benchmark": "vq_in_context", "threads": args.threads, "rounds": args.rounds}
     print(json.dumps(result | {"rows": rows, "target": 0.8}))
 
