@@ -10,9 +10,9 @@ batch 256, AdamW, loss mse + vq loss; random inputs (the step's cost does not de
 A step is forward + backward + optimizer step. The same comparison runs inside the project's own
 VQ-VAE (the default recipe's widths, a batch of 16 crops of 64x64): ``--models vqvae``.
 Implementations alternate step by step (A B C A B C) after a warm-up, median and min per option
-set; target (issue 14): ours <= 0.8x the reference. The third, ``floor``, is the same model with
-no quantizer at all (z passes through, channels last, zero vq loss): ``floor / reference`` is the smallest ratio
-any quantizer could reach in that model, the share of the step the layer can win back at most.
+set; target (issue 14): ours <= 0.8x the reference. The third, ``floor``, is the same model
+with no quantizer at all (z passes through, channels last, zero vq loss): ``floor / reference``
+is the smallest ratio any quantizer could reach in that model.
 Output: a markdown table, then exactly one final line of JSON.
 """
 
