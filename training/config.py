@@ -37,7 +37,10 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field("pip-photos", description="folder:<path> | pip-photos | debian-photos | …")
+    source: str = Field(
+        "pip-photos",
+        description="folder:<path> | pip-photos | debian-photos | wallpaper-photos | …",
+    )
     patch_size: int = Field(64, ge=1, description="square training crops; a multiple of f")
     bank_size: int = Field(20_000, ge=1, description="patches in the cached patch bank")
     short_side: tuple[int, int] = Field(

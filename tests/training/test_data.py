@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -31,7 +32,13 @@ from training.data import (
     read_idx,
 )
 from training.data.idx import FASHION_MNIST_FILES
-from training.data.photos import BundledPhoto
+from training.data.photos import (
+    PLASMA_PHOTOS,
+    WALLPAPER_PHOTO_PACKAGES,
+    BundledPhoto,
+    PhotoPackage,
+    split_of,
+)
 
 RED, BLUE = (200, 30, 30), (20, 40, 220)
 
@@ -181,6 +188,48 @@ def test_debian_photos_when_installed() -> None:
     bank = build_patch_bank("mate-backgrounds", patch_size=64, count=24, cache_dir=None)
     assert bank.shape == (24, 64, 64, 3)
     assert 20 < bank.mean() < 235 and bank.std() > 10  # real photo content, not blank
+
+
+def test_kde_wallpapers_are_read_at_their_largest_size(tmp_path: Path) -> None:
+    # Plasma's layout in a fake dpkg database: one photo at three sizes, a render not on the
+    # list of photos, a listed photo whose files are not on this disk
+    root = tmp_path / "wallpapers"
+    images = root / "EveningGlow" / "contents" / "images"
+    images.mkdir(parents=True)
+    sizes = [images / f"{size}.jpg" for size in ("640x480", "2560x1600", "1920x1200")]
+    for size in sizes:
+        Image.new("RGB", (8, 8)).save(size)
+    listing = [
+        *sizes,
+        root / "Kay/contents/images/5120x2880.png",
+        root / "Gone/contents/images/1x1.jpg",
+    ]
+    (tmp_path / "plasma-workspace-wallpapers.list").write_text("\n".join(map(str, listing)))
+    package = {"plasma-workspace-wallpapers": PhotoPackage(str(root), ("Gone", "EveningGlow"))}
+    with mock.patch.dict(WALLPAPER_PHOTO_PACKAGES, package):
+        source = debian_photos(("plasma-workspace-wallpapers",), dpkg_info_dir=tmp_path)
+        val = debian_photos(("plasma-workspace-wallpapers",), split="val", dpkg_info_dir=tmp_path)
+    assert [item.name for item in source.items] == [str(sizes[1])]
+    assert source.spec == "plasma-workspace-wallpapers"
+    # the split hashes the wallpaper's name, not its size-named file (which would say train)
+    assert split_of("EveningGlow") == "val" and split_of("2560x1600.jpg") == "train"
+    assert [item.name for item in val.items] == [str(sizes[1])]
+
+
+def test_wallpaper_photos_are_the_debian_photos_plus_plasmas() -> None:
+    try:
+        debian, wallpapers = debian_photos(), parse_source("wallpaper-photos")
+        train, val = (parse_source(f"wallpaper-photos:{split}") for split in ("train", "val"))
+    except MissingSourceError as err:
+        pytest.skip(str(err))
+    names = lambda source: [item.name for item in source.items]  # noqa: E731
+    plasma = [name for name in names(wallpapers) if name.startswith("/usr/share/wallpapers/")]
+    assert names(wallpapers) == names(debian) + plasma  # debian-photos unchanged, Plasma's after
+    assert len(plasma) == len(PLASMA_PHOTOS) and not any("/Kay/" in name for name in plasma)
+    assert sorted(names(train) + names(val)) == sorted(names(wallpapers))
+    assert (train.spec, val.spec) == ("wallpaper-photos:train", "wallpaper-photos:val")
+    # the debian-photos split is the same inside the larger set
+    assert set(names(parse_source("debian-photos:val"))) < set(names(val))
 
 
 # --- IDX / Fashion-MNIST ---------------------------------------------------------------------

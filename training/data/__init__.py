@@ -20,7 +20,7 @@ from training.data.image_source import (
 )
 from training.data.loader import PatchDataset, make_patch_loader
 from training.data.patch_bank import DEFAULT_CACHE_DIR, build_patch_bank
-from training.data.photos import debian_photos, folder_images, pip_photos
+from training.data.photos import debian_photos, folder_images, pip_photos, wallpaper_photos
 from training.data.spec import SOURCE_SPECS, parse_source
 from training.data.stream import PatchStream, open_source, patch_stream
 
@@ -46,4 +46,5 @@ __all__ = [
     "pip_photos",
     "read_idx",
     "read_rgb",
+    "wallpaper_photos",
 ]

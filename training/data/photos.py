@@ -114,10 +114,34 @@ def _package_dir(module: str) -> Path | None:
 # packages (same directory, same naming) are told apart exactly and a package update that adds
 # or renames wallpapers needs no change here. The directory keeps only the photographs:
 # mate-backgrounds also ships abstract/ and desktop/ renders.
+@dataclass(frozen=True)
+class PhotoPackage:
+    """Where a Debian package keeps its photographs.
+
+    Plain packages hold one file per photo directly in `directory`. KDE's layout
+    (`wallpapers` set) holds `<directory>/<Name>/contents/images/<W>x<H>.<ext>`, one file per
+    screen size: only the named wallpapers are photographs, and each is read at its largest size.
+    """
+
+    directory: str
+    wallpapers: tuple[str, ...] = ()
+
+
 DEBIAN_PHOTO_PACKAGES = {
-    "lomiri-wallpapers-16.04": "/usr/share/backgrounds",
-    "lomiri-wallpapers-20.04": "/usr/share/backgrounds",
-    "mate-backgrounds": "/usr/share/backgrounds/mate/nature",
+    "lomiri-wallpapers-16.04": PhotoPackage("/usr/share/backgrounds"),
+    "lomiri-wallpapers-20.04": PhotoPackage("/usr/share/backgrounds"),
+    "mate-backgrounds": PhotoPackage("/usr/share/backgrounds/mate/nature"),
+}
+# The KDE Plasma wallpapers that are photographs (chosen by eye; the other 18 are renders).
+PLASMA_PHOTOS = (
+    "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
+    "Grey", "Kite", "OneStandsOut", "Path", "Volna", "summer_1am",
+)  # fmt: skip
+# `wallpaper-photos`: the Debian photos plus Plasma's. `debian-photos` keeps naming the three
+# packages alone, the photos the first default models were trained and chosen on.
+WALLPAPER_PHOTO_PACKAGES = {
+    **DEBIAN_PHOTO_PACKAGES,
+    "plasma-workspace-wallpapers": PhotoPackage("/usr/share/wallpapers", PLASMA_PHOTOS),
 }
 DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
 
@@ -133,7 +157,7 @@ VAL_SHORT_SIDE = 512
 
 
 def split_of(name: str) -> str:
-    """'val' or 'train' for a photo's file name (see VAL_FRACTION)."""
+    """'val' or 'train' for a photo's file name, or a KDE wallpaper's name (see VAL_FRACTION)."""
     digest = hashlib.sha256(Path(name).name.encode()).digest()
     return "val" if int.from_bytes(digest[:4], "big") < VAL_FRACTION * 2**32 else "train"
 
@@ -152,26 +176,35 @@ def debian_photos(
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    unknown = [package for package in packages if package not in DEBIAN_PHOTO_PACKAGES]
+    unknown = [package for package in packages if package not in WALLPAPER_PHOTO_PACKAGES]
     if unknown:
         raise ValueError(
-            f"unknown photo package(s) {unknown}; known: {list(DEBIAN_PHOTO_PACKAGES)}"
+            f"unknown photo package(s) {unknown}; known: {list(WALLPAPER_PHOTO_PACKAGES)}"
         )
     found = {package: _package_photos(package, dpkg_info_dir) for package in packages}
-    missing = [package for package, paths in found.items() if not paths]
+    missing = [package for package, photos in found.items() if not photos]
     if missing:
         raise MissingSourceError(
             f"Debian package(s) {', '.join(missing)} not installed; "
             f"install with: sudo apt-get install {' '.join(missing)}"
         )
-    paths = [path for package in packages for path in found[package]]
+    photos = [photo for package in packages for photo in found[package]]
     if split is not None:
-        paths = [path for path in paths if split_of(path.name) == split]
-    items = tuple(_val_item(path) if split == "val" else file_item(path) for path in paths)
-    spec = (
-        "debian-photos" if tuple(packages) == tuple(DEBIAN_PHOTO_PACKAGES) else "+".join(packages)
-    )
+        photos = [(name, path) for name, path in photos if split_of(name) == split]
+    items = tuple(_val_item(path) if split == "val" else file_item(path) for _, path in photos)
+    names = {
+        tuple(DEBIAN_PHOTO_PACKAGES): "debian-photos",
+        tuple(WALLPAPER_PHOTO_PACKAGES): "wallpaper-photos",
+    }
+    spec = names.get(tuple(packages), "+".join(packages))
     return ImageSource(spec=f"{spec}:{split}" if split else spec, items=items)
+
+
+def wallpaper_photos(
+    *, split: str | None = None, dpkg_info_dir: Path = DPKG_INFO_DIR
+) -> ImageSource:
+    """`debian_photos` of every package in WALLPAPER_PHOTO_PACKAGES (Plasma's photos too)."""
+    return debian_photos(tuple(WALLPAPER_PHOTO_PACKAGES), split=split, dpkg_info_dir=dpkg_info_dir)
 
 
 def _val_item(path: Path) -> ImageItem:
@@ -190,15 +223,32 @@ def downscale(pixels: np.ndarray, short_side: int = VAL_SHORT_SIDE) -> np.ndarra
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
 
 
-def _package_photos(package: str, dpkg_info_dir: Path) -> list[Path]:
+def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]:
+    """(split name, path) of each photo `package` installed, sorted by path."""
     # Architecture-independent packages list their files in <pkg>.list, others in <pkg>:<arch>.list.
     lists = [dpkg_info_dir / f"{package}.list", *sorted(dpkg_info_dir.glob(f"{package}:*.list"))]
-    photo_dir = Path(DEBIAN_PHOTO_PACKAGES[package])
-    paths = set()
-    for listing in lists:
-        if listing.is_file():
-            for line in listing.read_text().splitlines():
-                path = Path(line)
-                if path.parent == photo_dir and path.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.add(path)
-    return sorted(path for path in paths if path.is_file())
+    owned = {
+        Path(line)
+        for listing in lists
+        if listing.is_file()
+        for line in listing.read_text().splitlines()
+        if Path(line).suffix.lower() in IMAGE_SUFFIXES
+    }
+    where = WALLPAPER_PHOTO_PACKAGES[package]
+    if not where.wallpapers:
+        photo_dir = Path(where.directory)
+        photos = [(path.name, path) for path in owned if path.parent == photo_dir]
+    else:
+        photos = []
+        for wallpaper in where.wallpapers:
+            image_dir = Path(where.directory) / wallpaper / "contents" / "images"
+            sizes = [path for path in owned if path.parent == image_dir and _pixels(path) > 0]
+            if sizes:
+                photos.append((wallpaper, max(sizes, key=_pixels)))
+    return sorted(((name, path) for name, path in photos if path.is_file()), key=lambda p: p[1])
+
+
+def _pixels(path: Path) -> int:
+    """Width x height from a KDE wallpaper file name such as 2560x1600.jpg (0 if not one)."""
+    width, cross, height = path.stem.partition("x")
+    return int(width) * int(height) if cross and width.isdigit() and height.isdigit() else 0

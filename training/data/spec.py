@@ -5,11 +5,12 @@ from __future__ import annotations
 from training.data.idx import fashion_mnist
 from training.data.image_source import ImageSource
 from training.data.photos import (
-    DEBIAN_PHOTO_PACKAGES,
     SPLITS,
+    WALLPAPER_PHOTO_PACKAGES,
     debian_photos,
     folder_images,
     pip_photos,
+    wallpaper_photos,
 )
 
 SOURCE_SPECS = (
@@ -18,7 +19,10 @@ SOURCE_SPECS = (
     "debian-photos",
     "debian-photos:train",
     "debian-photos:val",
-    *DEBIAN_PHOTO_PACKAGES,
+    "wallpaper-photos",
+    "wallpaper-photos:train",
+    "wallpaper-photos:val",
+    *WALLPAPER_PHOTO_PACKAGES,
     "fashion-mnist",
     "fashion-mnist:test",
 )
@@ -37,11 +41,15 @@ def parse_source(spec: str) -> ImageSource:
         return fashion_mnist(argument if colon else "train")
     if name == "debian-photos" and argument in SPLITS:
         return debian_photos(split=argument)
+    if name == "wallpaper-photos" and argument in SPLITS:
+        return wallpaper_photos(split=argument)
     if not colon:
         if name == "pip-photos":
             return pip_photos()
         if name == "debian-photos":
             return debian_photos()
-        if name in DEBIAN_PHOTO_PACKAGES:
+        if name == "wallpaper-photos":
+            return wallpaper_photos()
+        if name in WALLPAPER_PHOTO_PACKAGES:
             return debian_photos((name,))
     raise ValueError(f"unknown image source {spec!r}; valid sources: {', '.join(SOURCE_SPECS)}")
