@@ -206,7 +206,10 @@ def test_kde_wallpapers_are_read_at_their_largest_size(tmp_path: Path) -> None:
     ]
     (tmp_path / "plasma-workspace-wallpapers.list").write_text("\n".join(map(str, listing)))
     package = {"plasma-workspace-wallpapers": PhotoPackage(str(root), ("Gone", "EveningGlow"))}
-    with mock.patch.dict(WALLPAPER_PHOTO_PACKAGES, package):
+    with (
+        mock.patch.dict(WALLPAPER_PHOTO_PACKAGES, package),
+        pytest.warns(UnreadableImageWarning, match=r"no longer ships .*\bGone\b"),
+    ):
         source = debian_photos(("plasma-workspace-wallpapers",), dpkg_info_dir=tmp_path)
         val = debian_photos(("plasma-workspace-wallpapers",), split="val", dpkg_info_dir=tmp_path)
     assert [item.name for item in source.items] == [str(sizes[1])]

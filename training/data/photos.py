@@ -242,9 +242,21 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
         photos = []
         for wallpaper in where.wallpapers:
             image_dir = Path(where.directory) / wallpaper / "contents" / "images"
-            sizes = [path for path in owned if path.parent == image_dir and _pixels(path) > 0]
+            sizes = [
+                path
+                for path in owned
+                if path.parent == image_dir and _pixels(path) > 0 and path.is_file()
+            ]
             if sizes:
                 photos.append((wallpaper, max(sizes, key=_pixels)))
+        absent = sorted(set(where.wallpapers) - {name for name, _ in photos})
+        if photos and absent:
+            warnings.warn(
+                f"{package} no longer ships the photo wallpaper(s) {', '.join(absent)}: "
+                "training on the rest (the patch bank's fingerprint changes with it)",
+                UnreadableImageWarning,
+                stacklevel=3,
+            )
     return sorted(((name, path) for name, path in photos if path.is_file()), key=lambda p: p[1])
 
 
