@@ -110,10 +110,6 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-# Which files each Debian package owns comes from dpkg's own file lists, so the two lomiri
-# packages (same directory, same naming) are told apart exactly and a package update that adds
-# or renames wallpapers needs no change here. The directory keeps only the photographs:
-# mate-backgrounds also ships abstract/ and desktop/ renders.
 @dataclass(frozen=True)
 class PhotoPackage:
     """Where a Debian package keeps its photographs.
@@ -127,6 +123,10 @@ class PhotoPackage:
     wallpapers: tuple[str, ...] = ()
 
 
+# Which files each Debian package owns comes from dpkg's own file lists, so the two lomiri
+# packages (same directory, same naming) are told apart exactly and a package update that adds
+# or renames wallpapers needs no change here. The directory keeps only the photographs:
+# mate-backgrounds also ships abstract/ and desktop/ renders.
 DEBIAN_PHOTO_PACKAGES = {
     "lomiri-wallpapers-16.04": PhotoPackage("/usr/share/backgrounds"),
     "lomiri-wallpapers-20.04": PhotoPackage("/usr/share/backgrounds"),
@@ -142,6 +142,11 @@ PLASMA_PHOTOS = (
 WALLPAPER_PHOTO_PACKAGES = {
     **DEBIAN_PHOTO_PACKAGES,
     "plasma-workspace-wallpapers": PhotoPackage("/usr/share/wallpapers", PLASMA_PHOTOS),
+}
+# The spec string of each named package set; any other set is named by joining its packages.
+SET_NAMES = {
+    tuple(DEBIAN_PHOTO_PACKAGES): "debian-photos",
+    tuple(WALLPAPER_PHOTO_PACKAGES): "wallpaper-photos",
 }
 DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
 
@@ -192,11 +197,7 @@ def debian_photos(
     if split is not None:
         photos = [(name, path) for name, path in photos if split_of(name) == split]
     items = tuple(_val_item(path) if split == "val" else file_item(path) for _, path in photos)
-    names = {
-        tuple(DEBIAN_PHOTO_PACKAGES): "debian-photos",
-        tuple(WALLPAPER_PHOTO_PACKAGES): "wallpaper-photos",
-    }
-    spec = names.get(tuple(packages), "+".join(packages))
+    spec = SET_NAMES.get(tuple(packages), "+".join(packages))
     return ImageSource(spec=f"{spec}:{split}" if split else spec, items=items)
 
 
@@ -227,13 +228,14 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
     """(split name, path) of each photo `package` installed, sorted by path."""
     # Architecture-independent packages list their files in <pkg>.list, others in <pkg>:<arch>.list.
     lists = [dpkg_info_dir / f"{package}.list", *sorted(dpkg_info_dir.glob(f"{package}:*.list"))]
-    owned = {
+    listed = {
         Path(line)
         for listing in lists
         if listing.is_file()
         for line in listing.read_text().splitlines()
         if Path(line).suffix.lower() in IMAGE_SUFFIXES
     }
+    owned = {path for path in listed if path.is_file()}  # listed and still on disk
     where = WALLPAPER_PHOTO_PACKAGES[package]
     if not where.wallpapers:
         photo_dir = Path(where.directory)
@@ -242,11 +244,7 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
         photos = []
         for wallpaper in where.wallpapers:
             image_dir = Path(where.directory) / wallpaper / "contents" / "images"
-            sizes = [
-                path
-                for path in owned
-                if path.parent == image_dir and _pixels(path) > 0 and path.is_file()
-            ]
+            sizes = [path for path in owned if path.parent == image_dir and _pixels(path) > 0]
             if sizes:
                 photos.append((wallpaper, max(sizes, key=_pixels)))
         absent = sorted(set(where.wallpapers) - {name for name, _ in photos})
@@ -257,7 +255,7 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
                 UnreadableImageWarning,
                 stacklevel=3,
             )
-    return sorted(((name, path) for name, path in photos if path.is_file()), key=lambda p: p[1])
+    return sorted(photos, key=lambda photo: photo[1])
 
 
 def _pixels(path: Path) -> int:
