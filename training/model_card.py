@@ -53,13 +53,21 @@ def _architecture_rows(manifest: dict[str, Any]) -> list[str]:
     f, k = manifest["downsample"], manifest["codebook_size"]
     return [
         f"| architecture | VQ-VAE, f = {f}, base {config.get('base_channels')} channels × "
-        f"{tuple(config.get('channel_mult', ()))}, {config.get('num_res_blocks')} residual "
-        f"block(s) per level, norm `{config.get('norm')}`, code dim {config.get('code_dim')} |",
+        f"{tuple(config.get('channel_mult', ()))}, {_res_blocks(config)}, "
+        f"norm `{config.get('norm')}`, code dim {config.get('code_dim')} |",
         f"| codebook | {k} codes, β {quantizer.get('beta')}, affine `{quantizer.get('affine')}`, "
         f"sync ν {quantizer.get('sync_nu')}, k-means init {quantizer.get('kmeans_init')}, "
         f"replacement every {quantizer.get('replace_freq')} steps |",
         f"| native size | {manifest['image_size']} (any H, W that are multiples of {f}) |",
     ]
+
+
+def _res_blocks(config: dict[str, Any]) -> str:
+    encoder = config.get("num_res_blocks")
+    decoder = config.get("decoder_res_blocks") or encoder
+    if decoder == encoder:
+        return f"{encoder} residual block(s) per level"
+    return f"{encoder} (encoder) / {decoder} (decoder) residual block(s) per level"
 
 
 def _training_rows(training: dict[str, Any]) -> list[str]:

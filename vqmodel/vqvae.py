@@ -5,8 +5,8 @@ tokens --effective codebook--> z_q [N,D,H/f,W/f] --decoder--> images [N,3,H,W] i
 
 Encoder: conv_in, then per level ``num_res_blocks`` residual blocks and a stride-2 conv, a middle
 residual block at the token resolution, and a 1x1 projection to ``code_dim``. The decoder mirrors
-it (1x1 projection out of ``code_dim``, middle block, per level nearest-upsample + conv and residual
-blocks, conv_out).
+it (1x1 projection out of ``code_dim``, middle block, per level nearest-upsample + conv and
+``decoder_res_blocks`` residual blocks (``num_res_blocks`` unless given), conv_out).
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ class ModelConfig(BaseModel):
         (1, 2, 4), description="width multiplier per downsampling level; log2(f) entries"
     )
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
+    # the decoder alone can be deeper: reconstruction error sits in the decoder's capacity, and
+    # serving (encode + decode) pays for each block once
+    decoder_res_blocks: int | None = Field(
+        None, ge=1, description="residual blocks per decoder level; None: num_res_blocks"
+    )
     code_dim: int = Field(16, ge=1, description="D: 1x1 projection size in front of the quantizer")
     # "group" stays the default so that checkpoints written before this option existed load as
     # what they are; new models should use "channel" (training/configs/default.yaml does)
@@ -113,6 +118,11 @@ class ModelConfig(BaseModel):
     def widths(self) -> list[int]:
         """Channel width of each level, highest resolution first."""
         return [self.base_channels * m for m in self.channel_mult]
+
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per decoder level."""
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def token_size(self) -> int:
@@ -232,7 +242,7 @@ class Decoder(nn.Module):
         for width in reversed(widths):
             blocks.append(Upsample(c, width))
             c = width
-            blocks.extend(ResBlock(c, c, cfg.norm) for _ in range(cfg.num_res_blocks))
+            blocks.extend(ResBlock(c, c, cfg.norm) for _ in range(cfg.decoder_blocks))
         self.up = nn.Sequential(*blocks)
         self.norm_out = _norm(c, cfg.norm)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)

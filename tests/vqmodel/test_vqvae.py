@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from vqmodel.config import QuantizerConfig
-from vqmodel.vqvae import VQVAE, ModelConfig
+from vqmodel.vqvae import VQVAE, ModelConfig, ResBlock
 
 MULT = {4: (1, 2), 8: (1, 2, 2), 16: (1, 1, 2, 2)}
 
@@ -61,11 +61,30 @@ def test_quantizer_dim_is_derived_from_code_dim() -> None:
         ({"channel_mult": (1, 0, 2)}, r"channel_mult\n.*positive"),
         ({"code_dim": 8, "quantizer": {"dim": 16}}, r"quantizer\.dim=16 must equal code_dim=8"),
         ({"quantizer": {"channel_dim": -1}}, r"quantizer\.channel_dim=-1 must be 1"),
+        ({"decoder_res_blocks": 0}, r"decoder_res_blocks\n.*greater than or equal to 1"),
     ],
 )
 def test_bad_config_names_the_field_and_value(fields: dict, expected: str) -> None:
     with pytest.raises(ValidationError, match=expected):
         ModelConfig(**fields)
+
+
+def _res_blocks(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, ResBlock) for m in module.modules())
+
+
+def test_decoder_res_blocks_deepens_the_decoder_only() -> None:
+    levels = len(MULT[8])
+    same = VQVAE(tiny_config())
+    deeper = VQVAE(tiny_config(decoder_res_blocks=3))
+    assert _res_blocks(deeper.encoder) == _res_blocks(same.encoder) == levels + 1  # + mid
+    assert _res_blocks(same.decoder) == levels + 1
+    assert _res_blocks(deeper.decoder) == 3 * levels + 1
+    # unset means "as the encoder": models written before the option load with the same weights
+    assert tiny_config().decoder_blocks == 1 and tiny_config(num_res_blocks=2).decoder_blocks == 2
+    assert tiny_config(decoder_res_blocks=1).decoder_blocks == 1
+    images = smooth_images(2, 32, 48)
+    assert deeper(images)[0].shape == images.shape
 
 
 def test_config_is_frozen() -> None:
