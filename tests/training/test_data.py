@@ -33,8 +33,9 @@ from training.data import (
 )
 from training.data.idx import FASHION_MNIST_FILES
 from training.data.photos import (
+    OPENCV_PHOTOS,
+    PHOTO_PACKAGES,
     PLASMA_PHOTOS,
-    WALLPAPER_PHOTO_PACKAGES,
     BundledPhoto,
     PhotoPackage,
     split_of,
@@ -207,7 +208,7 @@ def test_kde_wallpapers_are_read_at_their_largest_size(tmp_path: Path) -> None:
     (tmp_path / "plasma-workspace-wallpapers.list").write_text("\n".join(map(str, listing)))
     package = {"plasma-workspace-wallpapers": PhotoPackage(str(root), ("Gone", "EveningGlow"))}
     with (
-        mock.patch.dict(WALLPAPER_PHOTO_PACKAGES, package),
+        mock.patch.dict(PHOTO_PACKAGES, package),
         pytest.warns(UnreadableImageWarning, match=r"no longer ships .*\bGone\b"),
     ):
         source = debian_photos(("plasma-workspace-wallpapers",), dpkg_info_dir=tmp_path)
@@ -233,6 +234,39 @@ def test_wallpaper_photos_are_the_debian_photos_plus_plasmas() -> None:
     assert (train.spec, val.spec) == ("wallpaper-photos:train", "wallpaper-photos:val")
     # the debian-photos split is the same inside the larger set
     assert set(names(parse_source("debian-photos:val"))) < set(names(val))
+
+
+def test_named_files_keep_only_the_photographs_of_a_plain_directory(tmp_path: Path) -> None:
+    # OpenCV's layout in a fake dpkg database: photos among drawings in one directory, and a
+    # named photo that a package update dropped
+    root = tmp_path / "data"
+    apple, chart, other = (solid(root / name, RED) for name in ("apple.jpg", "ml.png", "x.jpg"))
+    (tmp_path / "opencv-doc.list").write_text("\n".join(map(str, [apple, chart, other])))
+    package = {"opencv-doc": PhotoPackage(str(root), files=("apple.jpg", "gone.jpg"))}
+    with (
+        mock.patch.dict(PHOTO_PACKAGES, package),
+        pytest.warns(UnreadableImageWarning, match=r"opencv-doc no longer ships .*\bgone\.jpg"),
+    ):
+        source = debian_photos(("opencv-doc",), dpkg_info_dir=tmp_path)
+    assert [item.name for item in source.items] == [str(apple)]
+
+
+def test_package_photos_are_the_wallpaper_photos_plus_palapeli_and_opencv() -> None:
+    try:
+        wallpapers, everything = parse_source("wallpaper-photos"), parse_source("package-photos")
+        train, val = (parse_source(f"package-photos:{split}") for split in ("train", "val"))
+    except MissingSourceError as err:
+        pytest.skip(str(err))
+    names = lambda source: [item.name for item in source.items]  # noqa: E731
+    added = names(everything)[len(names(wallpapers)) :]
+    assert names(everything)[: len(names(wallpapers))] == names(wallpapers)  # unchanged, first
+    opencv = [Path(name).name for name in added if "/opencv-doc/" in name]
+    palapeli = [name for name in added if name.startswith("/usr/share/palapeli/collection/")]
+    assert sorted(opencv) == sorted(OPENCV_PHOTOS) and len(palapeli) == 5
+    assert len(added) == len(opencv) + len(palapeli)
+    assert sorted(names(train) + names(val)) == sorted(names(everything))
+    assert (train.spec, val.spec) == ("package-photos:train", "package-photos:val")
+    assert set(names(parse_source("wallpaper-photos:val"))) < set(names(val))
 
 
 # --- IDX / Fashion-MNIST ---------------------------------------------------------------------

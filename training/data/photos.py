@@ -114,13 +114,15 @@ def _package_dir(module: str) -> Path | None:
 class PhotoPackage:
     """Where a Debian package keeps its photographs.
 
-    Plain packages hold one file per photo directly in `directory`. KDE's layout
+    Plain packages hold one file per photo directly in `directory`; when `files` names some, only
+    those are photographs (the rest of the directory is drawings, charts, renders). KDE's layout
     (`wallpapers` set) holds `<directory>/<Name>/contents/images/<W>x<H>.<ext>`, one file per
     screen size: only the named wallpapers are photographs, and each is read at its largest size.
     """
 
     directory: str
     wallpapers: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
 
 # Which files each Debian package owns comes from dpkg's own file lists, so the two lomiri
@@ -143,10 +145,28 @@ WALLPAPER_PHOTO_PACKAGES = {
     **DEBIAN_PHOTO_PACKAGES,
     "plasma-workspace-wallpapers": PhotoPackage("/usr/share/wallpapers", PLASMA_PHOTOS),
 }
+# The colour photographs among OpenCV's sample images (chosen by eye on a contact sheet of the
+# 42 colour images of 256 px or more). Left out: drawings, charts, renders, a painting, a
+# motion-blurred plate, and the second image of each stereo or sequence pair (aloeR, ela_modified,
+# graf3, leuvenB, right, rubberwhale2), which would weigh one scene twice.
+OPENCV_PHOTOS = (
+    "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "board.jpg",
+    "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg",
+    "graf1.png", "home.jpg", "left.jpg", "leuvenA.jpg", "messi5.jpg", "orange.jpg",
+    "rubberwhale1.png", "squirrel_cls.jpg", "stuff.jpg",
+)  # fmt: skip
+# `package-photos`: every packaged photo set above plus two that are not wallpapers: the five
+# photographs of KDE's jigsaw game and OpenCV's sample photos (smaller, 350-1280 px).
+PHOTO_PACKAGES = {
+    **WALLPAPER_PHOTO_PACKAGES,
+    "palapeli-data": PhotoPackage("/usr/share/palapeli/collection"),
+    "opencv-doc": PhotoPackage("/usr/share/doc/opencv-doc/examples/data", files=OPENCV_PHOTOS),
+}
 # The spec string of each named package set; any other set is named by joining its packages.
 SET_NAMES = {
     tuple(DEBIAN_PHOTO_PACKAGES): "debian-photos",
     tuple(WALLPAPER_PHOTO_PACKAGES): "wallpaper-photos",
+    tuple(PHOTO_PACKAGES): "package-photos",
 }
 DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
 
@@ -181,11 +201,9 @@ def debian_photos(
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    unknown = [package for package in packages if package not in WALLPAPER_PHOTO_PACKAGES]
+    unknown = [package for package in packages if package not in PHOTO_PACKAGES]
     if unknown:
-        raise ValueError(
-            f"unknown photo package(s) {unknown}; known: {list(WALLPAPER_PHOTO_PACKAGES)}"
-        )
+        raise ValueError(f"unknown photo package(s) {unknown}; known: {list(PHOTO_PACKAGES)}")
     found = {package: _package_photos(package, dpkg_info_dir) for package in packages}
     missing = [package for package, photos in found.items() if not photos]
     if missing:
@@ -236,10 +254,13 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
         if Path(line).suffix.lower() in IMAGE_SUFFIXES
     }
     owned = {path for path in listed if path.is_file()}  # listed and still on disk
-    where = WALLPAPER_PHOTO_PACKAGES[package]
+    where = PHOTO_PACKAGES[package]
     if not where.wallpapers:
         photo_dir = Path(where.directory)
         photos = [(path.name, path) for path in owned if path.parent == photo_dir]
+        if where.files:
+            photos = [(name, path) for name, path in photos if name in where.files]
+        named = where.files
     else:
         photos = []
         for wallpaper in where.wallpapers:
@@ -247,14 +268,15 @@ def _package_photos(package: str, dpkg_info_dir: Path) -> list[tuple[str, Path]]
             sizes = [path for path in owned if path.parent == image_dir and _pixels(path) > 0]
             if sizes:
                 photos.append((wallpaper, max(sizes, key=_pixels)))
-        absent = sorted(set(where.wallpapers) - {name for name, _ in photos})
-        if photos and absent:
-            warnings.warn(
-                f"{package} no longer ships the photo wallpaper(s) {', '.join(absent)}: "
-                "training on the rest (the patch bank's fingerprint changes with it)",
-                UnreadableImageWarning,
-                stacklevel=3,
-            )
+        named = where.wallpapers
+    absent = sorted(set(named) - {name for name, _ in photos})
+    if photos and absent:
+        warnings.warn(
+            f"{package} no longer ships the photo(s) {', '.join(absent)}: "
+            "training on the rest (the patch bank's fingerprint changes with it)",
+            UnreadableImageWarning,
+            stacklevel=3,
+        )
     return sorted(photos, key=lambda photo: photo[1])
 
 

@@ -5,24 +5,21 @@ from __future__ import annotations
 from training.data.idx import fashion_mnist
 from training.data.image_source import ImageSource
 from training.data.photos import (
+    PHOTO_PACKAGES,
+    SET_NAMES,
     SPLITS,
-    WALLPAPER_PHOTO_PACKAGES,
     debian_photos,
     folder_images,
     pip_photos,
-    wallpaper_photos,
 )
 
+# the named package sets: debian-photos, wallpaper-photos, package-photos (training/data/photos.py)
+PHOTO_SETS = {name: packages for packages, name in SET_NAMES.items()}
 SOURCE_SPECS = (
     "folder:<path>",
     "pip-photos",
-    "debian-photos",
-    "debian-photos:train",
-    "debian-photos:val",
-    "wallpaper-photos",
-    "wallpaper-photos:train",
-    "wallpaper-photos:val",
-    *WALLPAPER_PHOTO_PACKAGES,
+    *(f"{name}{split}" for name in PHOTO_SETS for split in ("", ":train", ":val")),
+    *PHOTO_PACKAGES,
     "fashion-mnist",
     "fashion-mnist:test",
 )
@@ -39,17 +36,11 @@ def parse_source(spec: str) -> ImageSource:
         return folder_images(argument)
     if name == "fashion-mnist":
         return fashion_mnist(argument if colon else "train")
-    if name == "debian-photos" and argument in SPLITS:
-        return debian_photos(split=argument)
-    if name == "wallpaper-photos" and argument in SPLITS:
-        return wallpaper_photos(split=argument)
+    if name in PHOTO_SETS and (not colon or argument in SPLITS):
+        return debian_photos(PHOTO_SETS[name], split=argument or None)
     if not colon:
         if name == "pip-photos":
             return pip_photos()
-        if name == "debian-photos":
-            return debian_photos()
-        if name == "wallpaper-photos":
-            return wallpaper_photos()
-        if name in WALLPAPER_PHOTO_PACKAGES:
+        if name in PHOTO_PACKAGES:
             return debian_photos((name,))
     raise ValueError(f"unknown image source {spec!r}; valid sources: {', '.join(SOURCE_SPECS)}")
