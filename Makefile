@@ -36,13 +36,13 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 
 # The pipeline that produced models/default (resumable: re-run it after an interruption):
-# train on wallpaper-photos:train, choose the checkpoint on wallpaper-photos:val (vqtok-select),
+# train on package-photos:train, choose the checkpoint on package-photos:val (vqtok-select),
 # report it on the pip-bundled test photos at native size, export + verify ONNX parity into
 # models/default; model.json and its card are generated from what these steps recorded.
 DEFAULT_RUN := runs/default
 train-default: $(VENV)/.dev-installed
 	$(BIN)/vqtok-train --config training/configs/default.yaml --resume
-	$(BIN)/vqtok-select $(DEFAULT_RUN) --data wallpaper-photos:val
+	$(BIN)/vqtok-select $(DEFAULT_RUN) --data package-photos:val
 	$(BIN)/vqtok-eval $(DEFAULT_RUN)/checkpoints/selected --data pip-photos --out $(DEFAULT_RUN)/eval
 	$(BIN)/vqtok-export $(DEFAULT_RUN)/checkpoints/selected --out models/default \
 		--card training/configs/default-card.json --metrics $(DEFAULT_RUN)/eval/report.json

@@ -1,6 +1,6 @@
 """Choose a run's checkpoint on a validation split, never on the test photos.
 
-    vqtok-select runs/default --data wallpaper-photos:val
+    vqtok-select runs/default --data package-photos:val
 
 Every step checkpoint of the run (``checkpoints/step_*``, see training/run_dir.py) is evaluated
 with ``training.evaluate.evaluate`` on ``--data``; the one with the highest mean PSNR wins (on a
@@ -34,7 +34,7 @@ from vqmodel import CheckpointError, load_metadata, load_model
 
 SELECTION_FILE = "selection.json"
 SELECTED_LINK = "selected"
-DEFAULT_DATA = "wallpaper-photos:val"
+DEFAULT_DATA = "package-photos:val"
 
 
 def select_checkpoint(
