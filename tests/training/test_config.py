@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from training.config import ConfigError, TrainConfig, load_config
+from training.select import DEFAULT_DATA
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
 TINY = CONFIG_DIR / "tiny.yaml"
@@ -100,3 +101,18 @@ def test_config_is_frozen() -> None:
     config = TrainConfig()
     with pytest.raises(ValueError):
         config.steps = 3  # type: ignore[misc]
+
+
+def test_the_default_pipeline_chooses_on_the_validation_half_of_its_training_photos() -> None:
+    """`make train-default` and `vqtok-select`'s default must name the :val split of the
+    photo set that training/configs/default.yaml trains on: a recipe moved to new photos while
+    the checkpoint is still chosen on the old ones would choose on a split it never held out."""
+    source = load_config(CONFIG_DIR / "default.yaml").data.source
+    name, split = source.rsplit(":", 1)
+    assert split == "train", source
+    makefile = (CONFIG_DIR.parents[1] / "Makefile").read_text().splitlines()
+    commands = [
+        line.split() for line in makefile if line.startswith("\t") and "vqtok-select" in line
+    ]
+    assert [command[-2:] for command in commands] == [["--data", f"{name}:val"]]
+    assert f"{name}:val" == DEFAULT_DATA
