@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 # MODEL: the small test model (tests/conftest.py tiny_model_dir) where a benchmark takes one
 QUICK = {
     "abuse": ["memory", "--quick"],
+    "checkpoint_average": ["--quick", "--data", "pip-photos", "MODEL", "MODEL"],
     "drain": ["--quick"],
     "engine": ["--quick", "--model-dir", "MODEL"],
     "quant_gap": ["--quick", "--checkpoint", "MODEL"],
