@@ -2,7 +2,7 @@
 
     C=runs/default/checkpoints   # a finished run's step checkpoints, given oldest first
     python -m benchmarks.checkpoint_average $C/step_0004000 $C/step_0004500 $C/step_0005000
-    .venv/bin/python -m benchmarks.checkpoint_average CKPT CKPT --quick   # 2 images
+    python -m benchmarks.checkpoint_average CKPT CKPT --quick   # 2 images
 
 Scores, on `--data` (default the default pipeline's validation photos) at native size, each
 suffix of the given checkpoints (the last alone, the last two, ... all of them) with every floating
@@ -24,20 +24,38 @@ import torch
 
 from training.evaluate import evaluate, load_eval_set
 from training.select import DEFAULT_DATA
-from vqmodel import load_model
+from vqmodel import CheckpointError, load_model
 
 
-def averaged(paths: list[Path], keep_last_quantizer: bool) -> torch.nn.Module:
-    """The model of ``paths[-1]`` with its float tensors replaced by the mean over ``paths``."""
-    models = [load_model(path, map_location="cpu")[0] for path in paths]
-    states = [model.state_dict() for model in models]
+def averaged(
+    states: list[dict[str, torch.Tensor]], keep_last_quantizer: bool
+) -> dict[str, torch.Tensor]:
+    """``states[-1]`` with its float tensors replaced by their mean over ``states``."""
     merged = dict(states[-1])
     for key, value in merged.items():
         if not value.is_floating_point() or (keep_last_quantizer and key.startswith("quantizer.")):
             continue
         merged[key] = torch.stack([state[key] for state in states]).mean(0)
-    models[-1].load_state_dict(merged)
-    return models[-1]
+    return merged
+
+
+def _load_states(
+    parser: argparse.ArgumentParser, paths: list[Path]
+) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """The last checkpoint's model and every checkpoint's weights, each file read once; checkpoints
+    that are unreadable or of another architecture than the last are a usage error naming them."""
+    states = []
+    for path in paths:
+        try:
+            model = load_model(path, map_location="cpu")[0]
+        except (CheckpointError, OSError) as err:
+            parser.error(f"checkpoint {path}: {err}")
+        states.append({key: value.clone() for key, value in model.state_dict().items()})
+    shapes = {key: value.shape for key, value in states[-1].items()}
+    for path, state in zip(paths, states, strict=True):
+        if {key: value.shape for key, value in state.items()} != shapes:
+            parser.error(f"checkpoint {path}: its tensors differ from those of {paths[-1]}")
+    return model, states
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     count = len(args.checkpoints)
     variants = [(n, False) for n in range(1, count + 1)] + ([(count, True)] if count > 1 else [])
+    model, states = _load_states(parser, args.checkpoints)
     for n, keep_last_quantizer in variants:
         paths = args.checkpoints[count - n :]
-        model = averaged(paths, keep_last_quantizer)
+        model.load_state_dict(averaged(states[count - n :], keep_last_quantizer))
         with torch.inference_mode():
             result = evaluate(model, images, names=names, progress=False)
         row = {
