@@ -46,6 +46,11 @@ class DataConfig(BaseModel):
     short_side: tuple[int, int] = Field(
         (256, 1024), description="range of the downscaled photos' short side before cropping"
     )
+    rotate: bool = Field(
+        False,
+        description="also turn each drawn patch by a random multiple of 90 degrees (with the "
+        "horizontal flip: all 8 symmetries of the square)",
+    )
     batch_size: int = Field(32, ge=1, description="per process (global batch = this x ranks)")
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     seed: int = Field(0, description="seed of the patch bank and of the batch order")

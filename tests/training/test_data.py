@@ -16,11 +16,13 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
+from training.config import DataConfig
 from training.data import (
     ImageItem,
     ImageSource,
     MissingSourceError,
     PatchDataset,
+    PatchStream,
     UnreadableImageError,
     UnreadableImageWarning,
     build_patch_bank,
@@ -502,6 +504,47 @@ def test_dataset_returns_float_chw_in_unit_range(small_bank: np.ndarray) -> None
 
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
         PatchDataset(small_bank.astype(np.float32))
+
+
+def test_rotate_draws_all_eight_symmetries_and_leaves_flip_only_draws_unchanged(
+    small_bank: np.ndarray,
+) -> None:
+    expected = torch.from_numpy(small_bank[5]).permute(2, 0, 1).float() / 255
+    symmetries = [
+        image.rot90(k, dims=(-2, -1)) for image in (expected, expected.flip(-1)) for k in range(4)
+    ]
+    turning = PatchDataset(small_bank, rotate=True, seed=0)
+    draws = [turning[5] for _ in range(200)]
+    seen = [next(i for i, s in enumerate(symmetries) if torch.equal(d, s)) for d in draws]
+    assert sorted(set(seen)) == list(range(8))  # every draw is one of the 8, and each occurs
+    # without rotate the generator is drawn as before the option existed: the same flips per seed
+    flips_only = PatchDataset(small_bank, seed=3)
+    reference = np.random.default_rng(3)
+    for _ in range(20):
+        mirrored = reference.random() < 0.5
+        assert torch.equal(flips_only[5], expected.flip(-1) if mirrored else expected)
+
+    with pytest.raises(ValueError, match="rotate needs square patches, got 8x6"):
+        PatchDataset(small_bank[:, :, :6], rotate=True)
+
+
+def test_patch_stream_turns_patches_only_when_data_rotate_is_set(small_bank: np.ndarray) -> None:
+    def first_batches(rotate: bool) -> torch.Tensor:
+        data = DataConfig(batch_size=16, workers=0, rotate=rotate)
+        stream = PatchStream(small_bank, data, world_size=1)
+        return torch.cat([next(stream) for _ in range(4)])
+
+    plain, turned = first_batches(False), first_batches(True)
+    assert torch.equal(plain, first_batches(False)) and torch.equal(turned, first_batches(True))
+    # the batch order is the same (torch's generator); each turned patch is a symmetry of the
+    # plain one, and some are quarter turns, which no mirror of it equals
+    quarter_turns = 0
+    for before, after in zip(plain, turned, strict=True):
+        mirrors = (before, before.flip(-1))
+        turns = [m.rot90(k, dims=(-2, -1)) for m in mirrors for k in range(4)]
+        assert any(torch.equal(after, t) for t in turns)
+        quarter_turns += not any(torch.equal(after, m) for m in mirrors)
+    assert quarter_turns > 0
 
 
 def test_loader_batches_repeat_exactly_for_a_seed(small_bank: np.ndarray) -> None:

@@ -11,17 +11,24 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 
 class PatchDataset(Dataset[torch.Tensor]):
-    """Patches of a uint8 [N, H, W, 3] bank as float32 [3, H, W] in [0, 1], randomly mirrored.
+    """Patches of a uint8 [N, H, W, 3] bank as float32 [3, H, W] in [0, 1], randomly mirrored
+    and, with `rotate`, turned by a random multiple of 90 degrees (mirror + turn: all 8
+    symmetries of the square, so square patches only).
 
-    Flip decisions come from a NumPy generator seeded with `seed`; `make_patch_loader` reseeds it
-    per worker so batches repeat exactly for a given seed and worker count.
+    Flip and turn decisions come from a NumPy generator seeded with `seed`; `make_patch_loader`
+    reseeds it per worker so batches repeat exactly for a given seed and worker count. Without
+    `rotate` the generator is drawn exactly as before the option existed.
     """
 
-    def __init__(self, bank: np.ndarray, *, flip: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, bank: np.ndarray, *, flip: bool = True, rotate: bool = False, seed: int = 0
+    ) -> None:
         if bank.ndim != 4 or bank.shape[-1] != 3 or bank.dtype != np.uint8:
             raise ValueError(f"bank must be uint8 [N, H, W, 3], got {bank.dtype} {bank.shape}")
+        if rotate and bank.shape[1] != bank.shape[2]:
+            raise ValueError(f"rotate needs square patches, got {bank.shape[1]}x{bank.shape[2]}")
         self.bank = bank
-        self.flip = flip
+        self.flip, self.rotate = flip, rotate
         self.reseed(seed)
 
     def reseed(self, seed: int | list[int]) -> None:
@@ -35,6 +42,8 @@ class PatchDataset(Dataset[torch.Tensor]):
         patch = self.bank[index]
         if self.flip and self._rng.random() < 0.5:
             patch = patch[:, ::-1]
+        if self.rotate:
+            patch = np.rot90(patch, k=int(self._rng.integers(4)))
         chw = np.ascontiguousarray(patch.transpose(2, 0, 1))
         return torch.from_numpy(chw).to(torch.float32).div_(255.0)
 
@@ -82,6 +91,7 @@ def make_patch_loader(
     seed: int = 0,
     num_workers: int = 2,
     flip: bool = True,
+    rotate: bool = False,
     shuffle: bool = True,
     drop_last: bool = True,
     pin_memory: bool = False,
@@ -92,7 +102,7 @@ def make_patch_loader(
     DistributedSampler (seeded by `seed`: a new seed, a new shuffle; `PatchStream` makes a new
     loader with a new seed per epoch).
     """
-    dataset = PatchDataset(bank, flip=flip, seed=seed)
+    dataset = PatchDataset(bank, flip=flip, rotate=rotate, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if dist.is_available() and dist.is_initialized():

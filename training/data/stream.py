@@ -83,7 +83,11 @@ class PatchStream:
         if self._batches is None:
             seed = int(np.random.SeedSequence([self.data.seed, self.epoch]).generate_state(1)[0])
             loader = make_patch_loader(
-                self.bank, batch_size=self.data.batch_size, seed=seed, num_workers=self.data.workers
+                self.bank,
+                batch_size=self.data.batch_size,
+                seed=seed,
+                num_workers=self.data.workers,
+                rotate=self.data.rotate,
             )
             self._batches = iter(loader)
             for _ in range(self.batch):  # resuming mid-epoch: skip what was already trained on
