@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"images (default {DEFAULT_DATA})")
     parser.add_argument("--quick", action="store_true", help="the first 2 images only")
     args = parser.parse_args(argv)
+    model, states = _load_states(parser, args.checkpoints)  # a bad checkpoint fails before I/O
     names, images = load_eval_set(args.data, 2 if args.quick else None)
     rows: list[dict[str, Any]] = []
     count = len(args.checkpoints)
     variants = [(n, False) for n in range(1, count + 1)] + ([(count, True)] if count > 1 else [])
-    model, states = _load_states(parser, args.checkpoints)
     for n, keep_last_quantizer in variants:
         paths = args.checkpoints[count - n :]
         model.load_state_dict(averaged(states[count - n :], keep_last_quantizer))
