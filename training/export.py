@@ -19,9 +19,14 @@ exporter also gives a single file with dynamic axes and the same tokens, but it 
 since torch 2.9 and prints a warning on every call; dynamo is the supported path.
 
 Nothing is reported as exported before onnxruntime reproduced torch on real photos: batch 1 and
-8 at three sizes (one square at the native size, two non-square), tokens 100 % equal and decoded
-images within 1e-4. The directory is assembled next to ``--out`` and renamed into place, so an
-interrupted or failed export leaves the previous model directory untouched.
+8 at three sizes (one square at the native size, two non-square), decoded images within 1e-4 and
+every token equal except near-ties (two codes within a relative distance gap of 1e-4), and those
+at most 1 per 10^4 tokens. The encoder's convolutions run in fp32 in both engines, and fp32 sums
+depend on the kernel and its thread split: torch alone picks the other code of a 5e-7 tie at 1
+vs 2 threads (seen on vqtok-f8-k1024 trained 2026-12-07), so exact equality on every tie would be
+luck. The served contract (one engine, one provider) stays exact (README "The token contract").
+The directory is assembled next to ``--out`` and renamed into place, so an interrupted or failed
+export leaves the previous model directory untouched.
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ from vqmodel.checkpoint import CheckpointError, load_metadata, load_model, save_
 from vqmodel.search import SERVED_DTYPE, CodebookTerms, nearest_codes
 from vqmodel.vqvae import VQVAE
 
-TOKEN_TOLERANCE = 0  # tokens must agree exactly
 IMAGE_TOLERANCE = 1e-4  # max |onnxruntime - torch| of decoded pixels in [0,1]
 NEAR_TIE = 1e-4  # relative distance gap under which two codes count as tied (rounding noise)
+NEAR_TIE_RATE = 1e-4  # most near-tie tokens torch and onnxruntime may disagree on, per token
 VERIFY_BATCH = 8
 Progress = Callable[[str], None]
 
@@ -211,8 +216,15 @@ class ParityCase:
     near_tie_gap: float | None = None  # largest relative distance gap among differing tokens
 
     @property
+    def near_ties_only(self) -> bool:
+        """Every differing token is a near-tie (vacuously true when none differ)."""
+        if self.tokens_differing == 0:
+            return True
+        return self.near_tie_gap is not None and self.near_tie_gap < NEAR_TIE
+
+    @property
     def passed(self) -> bool:
-        return self.tokens_differing == 0 and self.max_image_diff <= IMAGE_TOLERANCE
+        return self.near_ties_only and self.max_image_diff <= IMAGE_TOLERANCE
 
 
 @dataclass
@@ -235,10 +247,16 @@ class ParityReport:
     def max_image_diff(self) -> float:
         return max((c.max_image_diff for c in self.cases), default=0.0)
 
+    @property
+    def near_tie_tokens(self) -> int:
+        return sum(c.tokens_differing for c in self.cases if c.near_ties_only)
+
     def summary(self) -> dict[str, Any]:
         return {
             "tokens_total": self.tokens_total,
             "tokens_differing": self.tokens_differing,
+            "near_tie_tokens": self.near_tie_tokens,
+            "near_tie_limit": NEAR_TIE_RATE,
             "token_agreement": self.token_agreement,
             "max_image_abs_diff": self.max_image_diff,
             "image_tolerance": IMAGE_TOLERANCE,
@@ -247,23 +265,28 @@ class ParityReport:
 
     def failures(self) -> list[str]:
         lines = []
+        allowed = NEAR_TIE_RATE * self.tokens_total
+        if self.near_tie_tokens > allowed:
+            lines.append(
+                f"{self.near_tie_tokens} of {self.tokens_total} tokens differ as near-ties "
+                f"(relative distance gap < {NEAR_TIE:g}), more than the {NEAR_TIE_RATE:g} per "
+                f"token ({allowed:.2f}) that fp32 rounding explains"
+            )
         for c in self.cases:
+            where = f"batch {c.batch} at {c.height}x{c.width}"
+            if c.tokens_differing and c.near_ties_only and self.near_tie_tokens > allowed:
+                lines.append(
+                    f"{where}: {c.tokens_differing} of {c.tokens_total} tokens differ, all "
+                    f"near-ties (largest relative distance gap between the two codes "
+                    f"{c.near_tie_gap:.2g} < {NEAR_TIE:g}: rounding picks the other code)"
+                )
             if c.passed:
                 continue
-            where = f"batch {c.batch} at {c.height}x{c.width}"
-            if c.tokens_differing:
-                if c.near_tie_gap is not None and c.near_tie_gap < NEAR_TIE:
-                    why = (
-                        f"all near-ties (largest relative distance gap between the two codes "
-                        f"{c.near_tie_gap:.2g} < {NEAR_TIE:g}: rounding picks the other code)"
-                    )
-                else:
-                    why = (
-                        f"NOT near-ties (relative distance gap up to {c.near_tie_gap:.3g}): the "
-                        "exported graph computes something different from torch"
-                    )
+            if not c.near_ties_only:
                 lines.append(
-                    f"{where}: {c.tokens_differing} of {c.tokens_total} tokens differ, {why}"
+                    f"{where}: {c.tokens_differing} of {c.tokens_total} tokens differ, NOT "
+                    f"near-ties (relative distance gap up to {c.near_tie_gap:.3g}): the exported "
+                    "graph computes something different from torch"
                 )
             if c.max_image_diff > IMAGE_TOLERANCE:
                 lines.append(
@@ -335,6 +358,8 @@ def compare_to_torch(
             report.cases.append(case)
             if progress is not None:
                 status = "ok" if case.passed else "MISMATCH" if exact else "(fp16 vs fp32)"
+                if case.passed and differing:
+                    status = f"ok ({differing} near-tie, relative gap {gap:.1g})"
                 progress(
                     f"  parity batch {b:>2} {h}x{w}: tokens {case.tokens_total - differing}/"
                     f"{case.tokens_total} equal, max image diff {image_diff:.2e}  {status}"
