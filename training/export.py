@@ -266,7 +266,8 @@ class ParityReport:
     def failures(self) -> list[str]:
         lines = []
         allowed = NEAR_TIE_RATE * self.tokens_total
-        if self.near_tie_tokens > allowed:
+        too_many_ties = self.near_tie_tokens > allowed
+        if too_many_ties:
             lines.append(
                 f"{self.near_tie_tokens} of {self.tokens_total} tokens differ as near-ties "
                 f"(relative distance gap < {NEAR_TIE:g}), more than the {NEAR_TIE_RATE:g} per "
@@ -274,7 +275,7 @@ class ParityReport:
             )
         for c in self.cases:
             where = f"batch {c.batch} at {c.height}x{c.width}"
-            if c.tokens_differing and c.near_ties_only and self.near_tie_tokens > allowed:
+            if too_many_ties and c.tokens_differing and c.near_ties_only:
                 lines.append(
                     f"{where}: {c.tokens_differing} of {c.tokens_total} tokens differ, all "
                     f"near-ties (largest relative distance gap between the two codes "
